@@ -1,0 +1,48 @@
+"""Convert timm-layout MetaFormer checkpoints (`stages.N.blocks.M...`) to this package's official layout."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# timm (>= 0.9, models/metaformer.py) names -> official PoolFormer names, block-relative
+_BLOCK_RENAMES = {"layer_scale1.scale": "layer_scale_1", "layer_scale2.scale": "layer_scale_2"}
+
+
+def convert_timm_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a timm PoolFormer(v1) state dict onto ours, e.g. `stages.1.blocks.0.layer_scale1.scale` ->
+    `network.2.0.layer_scale_1`, `stages.1.downsample.conv.weight` -> `network.1.proj.weight`,
+    `stem.conv` -> `patch_embed.proj`, `head.norm` -> `norm`, `head.fc` -> `head`.
+
+    Checkpoints already in the official layout are returned unchanged. Keys of other MetaFormer families
+    (res_scale, stem or downsample norms) have no counterpart here and raise a ValueError naming them.
+    """
+    if not any(key.startswith("stages.") for key in state_dict):
+        return dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        new = _convert_key(key)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ValueError(f"no PoolFormer(v1) counterpart for timm keys: {', '.join(unknown[:8])}")
+    return out
+
+
+def _convert_key(key: str) -> str | None:
+    if m := re.fullmatch(r"stem\.conv\.(weight|bias)", key):
+        return f"patch_embed.proj.{m[1]}"
+    if m := re.fullmatch(r"stages\.(\d+)\.downsample\.conv\.(weight|bias)", key):
+        return f"network.{2 * int(m[1]) - 1}.proj.{m[2]}"
+    if m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", key):
+        rest = _BLOCK_RENAMES.get(m[3], m[3])
+        if not re.fullmatch(r"layer_scale_[12]|(norm[12]|mlp\.fc[12])\.(weight|bias)", rest):
+            return None
+        return f"network.{2 * int(m[1])}.{m[2]}.{rest}"
+    if m := re.fullmatch(r"head\.(norm|fc)\.(weight|bias)", key):
+        return f"{'norm' if m[1] == 'norm' else 'head'}.{m[2]}"
+    return None

@@ -1,0 +1,231 @@
+"""The MetaFormer backbone (NCHW, as the official PoolFormer), with every ablation axis a constructor argument.
+
+State-dict keys follow the official code (`patch_embed.proj`, `network.<i>`, `norm`, `head`) so released
+checkpoints load with `strict=True`; construction order and initialisation follow it too, so a seeded build
+reproduces the official weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaformer_lab.models.activations import ACTIVATIONS
+from metaformer_lab.models.mixers import MIXERS
+from metaformer_lab.models.norms import NORMS
+from metaformer_lab.models.spec import StageSpec, per_stage
+from metaformer_lab.registry import ConfigError
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float = 0.02, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
+    """timm's inverse-CDF truncated normal (mean 0). torch's own samples differently, so seeds would not match."""
+    lo, hi = ((1.0 + math.erf(bound / std / math.sqrt(2.0))) / 2.0 for bound in (a, b))
+    with torch.no_grad():
+        return tensor.uniform_(2 * lo - 1, 2 * hi - 1).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(a, b)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole branch per sample; a fresh mask on every call."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:.4g}"
+
+
+class PatchEmbed(nn.Module):
+    """Stem (7x7 stride 4) and downsampling (3x3 stride 2) convolution; default PyTorch init as the official."""
+
+    def __init__(self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size, stride, padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class PositionEmbedding(nn.Module):
+    """Learnable absolute position embedding (zeros init), added before the first attention stage.
+
+    The official module only works at its build size; here other input sizes get it resized bicubically.
+    """
+
+    def __init__(self, dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, *grid))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos_embed
+        if pos.shape[-2:] != x.shape[-2:]:
+            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+        return x + pos
+
+
+class Mlp(nn.Module):
+    """Channel MLP of 1x1 convolutions; trunc_normal(.02) weights and zero biases, initialised on construction."""
+
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.act = ACTIVATIONS.get(act)()
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        for fc in (self.fc1, self.fc2):
+            trunc_normal_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MetaFormerBlock(nn.Module):
+    """`x = x + drop_path(ls1 * mixer(norm1(x)))`; `x = x + drop_path(ls2 * mlp(norm2(x)))`.
+
+    `residual=False` drops the `x +` of both sub-blocks; `mlp=False` removes mlp, norm2 and ls2 entirely.
+    """
+
+    def __init__(self, spec: StageSpec, drop_path: float) -> None:
+        super().__init__()
+        self.residual = spec.residual
+        self.norm1 = NORMS.get(spec.norm)(spec.dim)
+        self.token_mixer = MIXERS.get(spec.mixer).from_spec(spec)
+        self.norm2 = self.mlp = None
+        if spec.mlp:
+            self.norm2 = NORMS.get(spec.norm)(spec.dim)
+            self.mlp = Mlp(spec.dim, int(spec.dim * spec.mlp_ratio), spec.act)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layer_scale_1 = self.layer_scale_2 = None
+        if spec.layer_scale_init_value is not None:
+            self.layer_scale_1 = nn.Parameter(torch.full((spec.dim,), float(spec.layer_scale_init_value)))
+            if spec.mlp:
+                self.layer_scale_2 = nn.Parameter(torch.full((spec.dim,), float(spec.layer_scale_init_value)))
+
+    def _branch(self, x: torch.Tensor, norm: nn.Module, fn: nn.Module, scale: torch.Tensor | None) -> torch.Tensor:
+        y = fn(norm(x))
+        if scale is not None:
+            y = scale[:, None, None] * y
+        y = self.drop_path(y)
+        return x + y if self.residual else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._branch(x, self.norm1, self.token_mixer, self.layer_scale_1)
+        if self.mlp is not None:
+            x = self._branch(x, self.norm2, self.mlp, self.layer_scale_2)
+        return x
+
+
+class MetaFormer(nn.Module):
+    """MetaFormer / PoolFormer backbone. Axis arguments take one value for all stages or a per-stage list.
+
+    Args:
+        depths, dims: blocks and channels per stage.
+        mixer: token mixer name per stage (see `MIXERS.names()`).
+        pool_size: pooling window of `pooling` stages (odd). kernel_size: kernel of `dwconv` stages (odd).
+        head_dim: channels per head of `attention` stages.
+        norm, act: normalization (`NORMS`) and MLP activation (`ACTIVATIONS`) names.
+        residual, mlp: keep the residual connections / the channel MLP sub-block.
+        mlp_ratio: MLP hidden width over dim. layer_scale_init_value: LayerScale init, None for no LayerScale.
+        drop_path_rate: stochastic depth of the last block; rises linearly from 0 at the first block.
+        position_embedding: add the learnable position embedding before the first attention stage.
+        img_size: the input size that size-bound layers (random, spatial_fc, position embedding) are built for.
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        dims: Sequence[int] = (64, 128, 320, 512),
+        *,
+        mixer: str | Sequence[str] = "pooling",
+        pool_size: int | Sequence[int] = 3,
+        kernel_size: int | Sequence[int] = 3,
+        head_dim: int | Sequence[int] = 32,
+        norm: str | Sequence[str] = "modified_layernorm",
+        act: str | Sequence[str] = "gelu",
+        residual: bool | Sequence[bool] = True,
+        mlp: bool | Sequence[bool] = True,
+        mlp_ratio: float | Sequence[float] = 4.0,
+        layer_scale_init_value: float | None | Sequence[float | None] = 1e-5,
+        drop_path_rate: float = 0.0,
+        position_embedding: bool = True,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+    ) -> None:
+        super().__init__()
+        n = len(depths)
+        if n < 1 or any(not isinstance(d, int) or d < 1 for d in depths):
+            raise ConfigError("depths", list(depths), "a non-empty list of positive block counts, one per stage")
+        if img_size < 1 or img_size % 2 ** (n + 1):
+            raise ConfigError("img_size", img_size, f"a positive multiple of {2 ** (n + 1)} for {n} stages")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError("drop_path_rate", drop_path_rate, "a rate in [0, 1)")
+        axes = dict(
+            mixer=mixer, pool_size=pool_size, kernel_size=kernel_size, head_dim=head_dim, norm=norm, act=act,
+            residual=residual, mlp=mlp, mlp_ratio=mlp_ratio, layer_scale_init_value=layer_scale_init_value,
+        )  # fmt: skip
+        per = {key: per_stage(key, value, n) for key, value in axes.items()}
+        dims = per_stage("dims", dims, n)
+        self.stage_specs = [
+            StageSpec(
+                index=i,
+                depth=depths[i],
+                dim=dims[i],
+                grid=(img_size // 2 ** (i + 2),) * 2,
+                **{key: values[i] for key, values in per.items()},
+            )  # fmt: skip
+            for i in range(n)
+        ]
+        self.img_size = img_size
+        self.size_bound = any(MIXERS.get(s.mixer).size_bound for s in self.stage_specs)
+
+        self.patch_embed = PatchEmbed(in_chans, dims[0], kernel_size=7, stride=4, padding=2)
+        total, done, pos_added = sum(depths), 0, not position_embedding
+        network: list[nn.Module] = []
+        for spec in self.stage_specs:
+            if not pos_added and MIXERS.get(spec.mixer).needs_position_embedding:
+                network.append(PositionEmbedding(spec.dim, spec.grid))
+                pos_added = True
+            rates = [drop_path_rate * (done + j) / max(total - 1, 1) for j in range(spec.depth)]
+            network.append(nn.Sequential(*(MetaFormerBlock(spec, rate) for rate in rates)))
+            done += spec.depth
+            if spec.index < n - 1:
+                network.append(PatchEmbed(spec.dim, dims[spec.index + 1], kernel_size=3, stride=2, padding=1))
+        self.network = nn.ModuleList(network)
+        self.norm = NORMS.get(self.stage_specs[-1].norm)(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_linear)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size_bound and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            bound = sorted({s.mixer for s in self.stage_specs if MIXERS.get(s.mixer).size_bound})
+            raise ValueError(
+                f"this model's {'/'.join(bound)} mixer was built for {self.img_size}x{self.img_size} inputs "
+                f"and got {x.shape[-2]}x{x.shape[-1]}; build it with img_size={x.shape[-1]}"
+            )
+        x = self.patch_embed(x)
+        for layer in self.network:
+            x = layer(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.forward_features(x)).mean((-2, -1)))
+
+
+def _init_linear(module: nn.Module) -> None:
+    # the official `cls_init_weights`: every nn.Linear (head, attention, spatial FC) gets trunc_normal(.02), bias 0
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,88 @@
+"""Named models: one short function per paper variant, returning its MetaFormer arguments.
+
+Depths, dims, LayerScale init and drop-path rate follow the paper (Table 1, Table 6) and the official code.
+`create_model(name, **overrides)` builds one; any MetaFormer argument can be overridden.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from metaformer_lab.models.metaformer import MetaFormer
+from metaformer_lab.registry import ConfigError, Registry
+
+PRESETS: Registry[Callable[[], dict[str, Any]]] = Registry("model")
+
+S_DIMS, M_DIMS = (64, 128, 320, 512), (96, 192, 384, 768)
+S12 = dict(depths=(2, 2, 6, 2), dims=S_DIMS, layer_scale_init_value=1e-5, drop_path_rate=0.1)
+
+
+@PRESETS.register("poolformer_s12")
+def poolformer_s12() -> dict[str, Any]:
+    return dict(S12)
+
+
+@PRESETS.register("poolformer_s24")
+def poolformer_s24() -> dict[str, Any]:
+    return dict(depths=(4, 4, 12, 4), dims=S_DIMS, layer_scale_init_value=1e-5, drop_path_rate=0.1)
+
+
+@PRESETS.register("poolformer_s36")
+def poolformer_s36() -> dict[str, Any]:
+    return dict(depths=(6, 6, 18, 6), dims=S_DIMS, layer_scale_init_value=1e-6, drop_path_rate=0.2)
+
+
+@PRESETS.register("poolformer_m36")
+def poolformer_m36() -> dict[str, Any]:
+    return dict(depths=(6, 6, 18, 6), dims=M_DIMS, layer_scale_init_value=1e-6, drop_path_rate=0.3)
+
+
+@PRESETS.register("poolformer_m48")
+def poolformer_m48() -> dict[str, Any]:
+    return dict(depths=(8, 8, 24, 8), dims=M_DIMS, layer_scale_init_value=1e-6, drop_path_rate=0.4)
+
+
+# Table 5 models released with the official code (models/metaformer.py). The pooling+attention hybrids use
+# channel LayerNorm (Appendix A); the others keep the modified LayerNorm. `_224`: size-bound, built for 224.
+@PRESETS.register("metaformer_id_s12")
+def metaformer_id_s12() -> dict[str, Any]:
+    return dict(S12, mixer="identity")
+
+
+@PRESETS.register("metaformer_pppa_s12_224")
+def metaformer_pppa_s12_224() -> dict[str, Any]:
+    return dict(S12, mixer=["pooling", "pooling", "pooling", "attention"], norm="layernorm")
+
+
+@PRESETS.register("metaformer_ppaa_s12_224")
+def metaformer_ppaa_s12_224() -> dict[str, Any]:
+    return dict(S12, mixer=["pooling", "pooling", "attention", "attention"], norm="layernorm")
+
+
+@PRESETS.register("metaformer_pppf_s12_224")
+def metaformer_pppf_s12_224() -> dict[str, Any]:
+    return dict(S12, mixer=["pooling", "pooling", "pooling", "spatial_fc"])
+
+
+@PRESETS.register("metaformer_ppff_s12_224")
+def metaformer_ppff_s12_224() -> dict[str, Any]:
+    return dict(S12, mixer=["pooling", "pooling", "spatial_fc", "spatial_fc"])
+
+
+MODEL_ARGUMENTS = tuple(inspect.signature(MetaFormer).parameters)
+
+
+def model_arguments(name: str, **overrides: Any) -> dict[str, Any]:
+    """The full MetaFormer arguments of preset `name` with `overrides` applied; unknown names are an error."""
+    unknown = sorted(set(overrides) - set(MODEL_ARGUMENTS))
+    if unknown:
+        valid = "not a model argument; valid: " + ", ".join(MODEL_ARGUMENTS)
+        raise ConfigError(unknown[0], overrides[unknown[0]], valid)
+    return {**PRESETS.get(name)(), **overrides}
+
+
+def create_model(name: str, **overrides: Any) -> MetaFormer:
+    """Build preset `name` (see `PRESETS.names()`), with any MetaFormer argument overridden."""
+    return MetaFormer(**model_arguments(name, **overrides))
