@@ -1,12 +1,40 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
+from metaformer_lab.config import register_resolvers
+
+ROOT = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data"
+# a few seconds of training on the embedded data
+QUICK = [
+    "data.train_size=256", "data.val_size=128", "data.batch_size=64", "optim.global_batch=64", "optim.epochs=2",
+    "optim.warmup_epochs=0", "logger=csv", "model.depths=[1,1,1,1]", "model.dims=[32,32,64,64]",
+]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
 def _few_threads():
     # 2-core CI machine: oversubscribing threads makes the tiny models slower, not faster
     torch.set_num_threads(1)
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    register_resolvers()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python run.py args...` in `cwd`, as a user would type it."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip

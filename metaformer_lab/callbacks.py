@@ -1,0 +1,79 @@
+"""Callbacks that keep what a run record needs, and make a resumed run continue exactly where it stopped."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class ValidationHistory(L.Callback):
+    """Top-1 / top-5 of every validation epoch; saved in checkpoints, so a resumed run still knows its best."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.history.append(
+            dict(epoch=trainer.current_epoch, top1=float(metrics["val/top1"]), top5=float(metrics["val/top5"]))
+        )
+
+    def best(self) -> dict[str, float] | None:
+        return max(self.history, key=lambda h: h["top1"], default=None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+
+
+class ResumableRng(L.Callback):
+    """Saves the RNG states (drop path, mixup) with each checkpoint and restores them on resume.
+
+    Lightning does not, so without this a resumed run would draw other random numbers than an uninterrupted one.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainThroughput(L.Callback):
+    """Training images per second (per process), timed over all batches but the first two."""
+
+    warmup_batches = 2  # the first batches include one-off set-up (allocation, compilation)
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self.seen = 0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, idx: int) -> None:
+        self.seen += 1
+        if self.seen > self.warmup_batches:
+            self.images += len(batch[0])
+            self.seconds += time.perf_counter() - self._start
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None

@@ -1,0 +1,134 @@
+"""The LightningModule: soft-target loss, AdamW with the paper's weight-decay filter, warmup + cosine, metrics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from metaformer_lab.mixing import mix_batch
+from metaformer_lab.registry import ConfigError
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or inf; the run stops and its record says `diverged`."""
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """`optim` of the config. Ranges are checked here, before any training starts."""
+
+    base_lr: float
+    global_batch: int
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    epochs: int
+    warmup_epochs: float
+    warmup_lr: float
+    min_lr: float
+    cooldown_epochs: int
+    label_smoothing: float
+    mixup_alpha: float
+    cutmix_alpha: float
+    mix_prob: float
+    mix_switch_prob: float
+    grad_clip: float | None
+
+    def __post_init__(self) -> None:
+        positive = ("base_lr", "global_batch", "epochs", "eps")
+        non_negative = ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "cooldown_epochs")
+        non_negative += ("mixup_alpha", "cutmix_alpha")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"optim.{name}", getattr(self, name), "a positive number")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"optim.{name}", getattr(self, name), "a number >= 0")
+        for name in ("label_smoothing", "mix_prob", "mix_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name}", getattr(self, name), "a probability in [0, 1]")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError("optim.warmup_epochs", self.warmup_epochs, f"fewer than optim.epochs={self.epochs}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError("optim.grad_clip", self.grad_clip, "a positive number or null")
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate by the paper's rule: base_lr x global_batch / 1024."""
+        return self.base_lr * self.global_batch / 1024
+
+    def lr_at(self, epoch: float) -> float:
+        """timm's CosineLRScheduler as the paper used it: linear warmup from warmup_lr, then cosine over
+        [0, epochs) counted from epoch 0, then min_lr through the cooldown. Evaluated per step (fractional epoch)."""
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * epoch / self.warmup_epochs
+        if epoch >= self.epochs:
+            return self.min_lr
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * epoch / self.epochs))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on 1-D tensors and biases (norm weights, LayerScale), as timm's `filter_bias_and_bn`.
+    Frozen tensors (the random mixer's matrices) are left out of the optimizer."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ImageClassifier(L.LightningModule):
+    def __init__(self, model: nn.Module, optim: OptimSettings, num_classes: int, channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.optim = optim
+        self.num_classes = num_classes
+        self.channels_last = channels_last
+        top5 = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        o = self.optim
+        images, targets = mix_batch(
+            images, labels, self.num_classes, o.label_smoothing, o.mixup_alpha, o.cutmix_alpha, o.mix_prob,
+            o.mix_switch_prob,
+        )  # fmt: skip
+        logits = self(images)
+        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        # all ranks agree, so they all stop at the same step rather than hang in the next all-reduce
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
+            raise DivergedError(f"loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch})")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_top1(logits, labels)
+        self.val_top5(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits.float(), labels), sync_dist=True)
+        self.log("val/top1", self.val_top1, prog_bar=True)
+        self.log("val/top5", self.val_top5)
+
+    def configure_optimizers(self) -> dict:
+        o = self.optim
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+        )
+        steps_per_epoch = self.trainer.estimated_stepping_batches / self.trainer.max_epochs
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: o.lr_at(step / steps_per_epoch) / o.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

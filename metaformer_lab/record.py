@@ -1,0 +1,86 @@
+"""The run record: `result.json` in every run directory, the only thing analysis reads.
+
+Written atomically (temp file, then rename) when a run starts (status `running`) and when it ends. The schema is
+versioned; fields are only ever added, so older records stay readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "result.json"
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+
+
+@dataclass
+class RunRecord:
+    status: str = "running"  # one of STATUSES
+    error: str | None = None  # why a run failed or diverged
+    run_dir: str = ""
+    # the ablation axes, flat, so a DataFrame of records can be grouped by any of them
+    model: str = ""  # size preset
+    mixer: str = ""  # "pooling", or per stage "pooling,pooling,attention,attention"
+    mixer_stages: list[str] = field(default_factory=list)
+    pool_size: int | None = None
+    norm: str = ""
+    act: str = ""
+    residual: bool = True
+    mlp: bool = True
+    seed: int = 0
+    data: str = ""
+    image_size: int | None = None
+    experiment: str | None = None
+    sweep: str | None = None
+    # cost, in the paper's convention (see models/counting.py)
+    params: int | None = None
+    frozen_params: int | None = None
+    macs: int | None = None
+    # results
+    best_val_top1: float | None = None
+    best_val_top5: float | None = None
+    final_val_top1: float | None = None
+    final_val_top5: float | None = None
+    epochs: int = 0  # completed epochs
+    steps: int = 0  # optimizer steps
+    global_batch: int | None = None
+    lr: float | None = None  # peak learning rate
+    wall_time_s: float = 0.0
+    train_throughput_img_s: float | None = None
+    # provenance
+    started_at: str = ""
+    finished_at: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    git_commit: str | None = None
+    wandb_id: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved Hydra config
+    schema_version: int = SCHEMA_VERSION
+
+
+def write_record(run_dir: str | Path, record: RunRecord) -> Path:
+    """Write `result.json` atomically: readers see the old record or the new one, never half of one."""
+    if record.status not in STATUSES:
+        raise ValueError(f"status={record.status!r}: valid: {', '.join(STATUSES)}")
+    path = Path(run_dir) / RECORD_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".result.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(record), f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_record(path: str | Path) -> RunRecord:
+    """Read a `result.json` (or the one in a run directory). Unknown fields from newer writers are ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD_NAME
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(RunRecord)}
+    return RunRecord(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,160 @@
+"""Training end to end: run.py on the embedded data, the run record, resume, divergence, wandb, DDP."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import QUICK, compose_config, run_cli
+from lightning.pytorch.loggers import WandbLogger
+
+from metaformer_lab.record import STATUSES, RunRecord, read_record
+from metaformer_lab.train import train
+
+
+def only_record(root: Path) -> RunRecord:
+    records = list(root.rglob("result.json"))
+    assert len(records) == 1, records
+    return read_record(records[0])
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_run_py_trains_and_writes_a_completed_record(tmp_path, precision):
+    result = run_cli(*QUICK, f"trainer.precision={precision}", "mixer=identity", "norm=layernorm", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = only_record(tmp_path / "runs")
+    assert record.status == "completed" and record.error is None
+    assert (record.mixer, record.norm, record.act, record.model) == ("identity", "layernorm", "gelu", "small")
+    assert record.epochs == 2 and record.steps == 8 and record.global_batch == 64
+    assert 0.0 <= record.best_val_top1 <= 1.0 and record.best_val_top1 >= record.final_val_top1
+    assert record.params > 0 and record.macs > 0 and record.train_throughput_img_s > 0
+    assert str(record.config["trainer"]["precision"]) == precision
+    run_dir = Path(record.run_dir)
+    assert "mixer=identity" in run_dir.name and (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert (run_dir / "csv" / "metrics.csv").exists()
+
+
+def test_per_stage_mixers_from_one_override(tmp_path):
+    cfg = compose_config(*QUICK, "optim.epochs=1", "mixer.stages=[pooling,identity,attention,attention]")
+    record = train(cfg, tmp_path)
+    assert record.status == "completed"
+    assert record.mixer_stages == ["pooling", "identity", "attention", "attention"]
+    assert record.mixer == "pooling,identity,attention,attention"
+
+
+def test_record_schema_of_a_completed_run(tmp_path):
+    train(compose_config(*QUICK, "optim.epochs=1", "seed=3"), tmp_path)
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["schema_version"] == 1 and data["status"] in STATUSES
+    axes = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "seed", "data", "experiment")
+    assert all(key in data for key in axes) and data["seed"] == 3
+    for key in (
+        "params",
+        "frozen_params",
+        "macs",
+        "best_val_top1",
+        "best_val_top5",
+        "final_val_top1",
+        "final_val_top5",
+        "epochs",
+        "steps",
+        "global_batch",
+        "lr",
+        "wall_time_s",
+        "train_throughput_img_s",
+    ):
+        assert isinstance(data[key], int | float), key  # fmt: skip
+    assert data["versions"]["torch"] == torch.__version__ and "git_commit" in data
+    assert data["config"]["mixer"]["name"] == "pooling"  # the resolved config
+
+
+def test_rerun_of_a_completed_run_is_skipped(tmp_path):
+    cfg = compose_config(*QUICK, "optim.epochs=1")
+    first = train(cfg, tmp_path)
+    again = train(cfg, tmp_path)
+    assert again.status == "completed" and again.finished_at == first.finished_at
+
+
+class _PoisonWeights(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 2:
+            with torch.no_grad():
+                module.model.head.weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_the_run_as_diverged(tmp_path):
+    record = train(compose_config(*QUICK), tmp_path, callbacks=[_PoisonWeights()])
+    assert record.status == "diverged" and "loss is nan at step 2" in record.error
+    assert read_record(tmp_path).status == "diverged" and record.steps == 2
+
+
+class _PreemptAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a cluster scheduler sends before preempting a job
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    # drop path and mixup draw random numbers every step: resume must restore the RNG, not just the weights
+    overrides = (*QUICK, "model.drop_path_rate=0.1", "optim.mixup_alpha=0.8", "optim.cutmix_alpha=1.0")
+    cfg = compose_config(*overrides)
+    train(cfg, tmp_path / "straight")
+    with pytest.raises(SystemExit):
+        train(cfg, tmp_path / "resumed", callbacks=[_PreemptAfterFirstEpoch()])
+    interrupted = read_record(tmp_path / "resumed")
+    assert interrupted.status == "interrupted" and interrupted.epochs == 1
+    resumed = train(cfg, tmp_path / "resumed")
+    assert resumed.status == "completed" and resumed.epochs == 2 and resumed.steps == 8
+
+    def weights(run: str) -> dict:
+        return torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+    straight, again = weights("straight"), weights("resumed")
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    assert resumed.best_val_top1 == read_record(tmp_path / "straight").best_val_top1
+
+
+def test_failed_run_records_the_error_and_reruns_from_scratch(tmp_path):
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            raise RuntimeError("disk on fire")
+
+    cfg = compose_config(*QUICK, "optim.epochs=1")
+    with pytest.raises(RuntimeError):
+        train(cfg, tmp_path, callbacks=[Crash()])
+    failed = read_record(tmp_path)
+    assert failed.status == "failed" and "disk on fire" in failed.error
+    assert train(cfg, tmp_path).status == "completed"
+
+
+class _WandbSnapshot(L.Callback):
+    def on_train_end(self, trainer, module):
+        run = next(lg for lg in trainer.loggers if isinstance(lg, WandbLogger)).experiment
+        self.config, self.group, self.tags, self.mode = dict(run.config), run.group, set(run.tags), run.settings.mode
+
+
+def test_wandb_offline_run_has_the_axes_in_its_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no key configured: offline by default
+    snapshot = _WandbSnapshot()
+    cfg = compose_config(*QUICK, "optim.epochs=1", "logger=wandb", "mixer=identity", "norm=batchnorm", "sweep=demo")
+    record = train(cfg, tmp_path, callbacks=[snapshot])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert record.status == "completed" and len(runs) == 1 and record.wandb_id in runs[0].name
+    assert snapshot.mode == "offline" and snapshot.group == "demo"
+    assert {"mixer=identity", "norm=batchnorm", "act=gelu", "seed=0"} <= snapshot.tags
+    assert snapshot.config["mixer"] == "identity" and snapshot.config["norm"] == "batchnorm"
+    assert snapshot.config["params"] == record.params and snapshot.config["config"]["optim"]["epochs"] == 1
+
+
+def test_ddp_on_two_cpu_processes_writes_exactly_one_record(tmp_path):
+    args = [*QUICK, "optim.epochs=1", "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = only_record(tmp_path / "runs")
+    assert record.status == "completed" and record.global_batch == 64 and record.steps == 4
+    assert "trainer.devices" not in Path(record.run_dir).name  # the device count does not change the run
