@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from metaformer_lab.config import register_resolvers
+from metaformer_lab.config import check_sweep_launch, register_resolvers
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import train
 
@@ -22,6 +22,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            check_sweep_launch(cfg, os.environ)
         record = train(cfg, hydra_cfg.runtime.output_dir)
     except ConfigError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

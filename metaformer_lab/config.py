@@ -121,3 +121,23 @@ def run_name(override_dirname: str) -> str:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+
+
+# set by launchers that start one process per device themselves (SLURM, torchrun, Lightning's own children)
+_EXTERNAL_LAUNCH = ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+
+
+def check_sweep_launch(cfg: DictConfig, environ: Mapping[str, str]) -> None:
+    """Under `-m`, Lightning's DDP re-runs the command line in each device process, and with it the whole sweep.
+
+    Refuse that combination unless a cluster launcher already starts one process per device.
+    """
+    processes = device_count(cfg.trainer) * cfg.trainer.num_nodes
+    strategy = str(cfg.trainer.strategy)
+    if processes > 1 and strategy.startswith("ddp") and "spawn" not in strategy:
+        if not any(key in environ for key in _EXTERNAL_LAUNCH):
+            raise ConfigError(
+                "trainer.strategy", strategy,
+                "not under -m with Hydra's local launcher (each device process would re-launch the sweep); "
+                "run the configurations one by one, or launch the sweep on SLURM with one task per device",
+            )  # fmt: skip

@@ -32,7 +32,9 @@ def wandb_logger(cfg: DictConfig, run_dir: Path, record: RunRecord) -> WandbLogg
     The run id is kept in the record, so a resumed run continues the same wandb run.
     """
     axes = {key: getattr(record, key) for key in AXES}
-    if record.wandb_id is None:
+    if os.environ.get("WANDB_RUN_ID"):  # a `wandb agent` chose the run this process belongs to
+        record.wandb_id = os.environ["WANDB_RUN_ID"]
+    elif record.wandb_id is None:
         record.wandb_id = f"{run_dir.name[:40]}-{os.urandom(4).hex()}".replace("=", "-").replace(",", "_")
     return WandbLogger(
         name=run_dir.name,

@@ -32,6 +32,10 @@ class ImageDataModule(L.LightningDataModule):
         self.train: Dataset | None = None
         self.val: Dataset | None = None
 
+    def split_sizes(self) -> tuple[int | None, int | None]:
+        """(train, val) image counts, without loading anything; None where unknown. For cost estimates."""
+        return None, None
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=self.shuffle_seed, drop_last=train)
@@ -71,6 +75,9 @@ class ShapesDataModule(ImageDataModule):
     ) -> None:
         super().__init__(image_size, batch_size, num_workers, shuffle_seed)
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
+
+    def split_sizes(self) -> tuple[int | None, int | None]:
+        return self.train_size, self.val_size
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is None:

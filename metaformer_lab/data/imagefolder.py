@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from metaformer_lab.data.datamodules import DATASETS, ImageDataModule
 from metaformer_lab.registry import ConfigError
 
+SPLITS = ("train", "val")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 
 
@@ -100,10 +101,14 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(image_size, batch_size, num_workers, shuffle_seed)
         self.root, self.num_classes, self.crop_pct = Path(root), num_classes, crop_pct
 
+    def split_sizes(self) -> tuple[int | None, int | None]:
+        sizes = [len(find_images(self.root / split)[0]) if (self.root / split).is_dir() else None for split in SPLITS]
+        return sizes[0], sizes[1]
+
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        for split in ("train", "val"):
+        for split in SPLITS:
             if not (self.root / split).is_dir():
                 raise ConfigError("data.root", str(self.root), f"a folder with train/ and val/ inside (no {split}/)")
         self.train = ImageFolderDataset(self.root / "train", self.image_size, True, self.crop_pct)
