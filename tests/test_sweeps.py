@@ -8,6 +8,7 @@ import pytest
 import yaml
 from conftest import QUICK, ROOT, run_cli
 
+from metaformer_lab.analysis import collect_runs, paper_table
 from metaformer_lab.plan import compose_job, expand_sweep, plan
 from metaformer_lab.record import read_record
 from metaformer_lab.train import train
@@ -54,6 +55,13 @@ def test_sweep_runs_then_skips_finished_runs_and_resumes_interrupted_ones(tmp_pa
         ("t5_baseline", "pooling", 0), ("t5_baseline", "pooling", 1),
         ("t5_identity", "identity", 0), ("t5_identity", "identity", 1),
     ]  # fmt: skip
+
+    # the sweep, collected into the paper's Table 5 layout with the paper's numbers beside ours
+    table = paper_table(collect_runs(tmp_path / "runs"), "table5").set_index("Variant")
+    assert len(table) == 18 and table.loc["Pooling → Identity mapping", "Top-1 paper (%)"] == "74.3"
+    assert table.loc["Pooling → Identity mapping", "Top-1 here (%, mean ± std, n)"].endswith("(n=2)")
+    assert table.loc["None (PoolFormer-S12)", "Top-1 here (%, mean ± std, n)"].endswith("(n=2)")
+    assert table.loc["GELU → ReLU", "Top-1 here (%, mean ± std, n)"] == "—"
 
     # a third row joins the sweep; one of its runs was preempted after its first epoch
     (tmp_path / "runs").mkdir(exist_ok=True)

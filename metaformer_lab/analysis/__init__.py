@@ -1,0 +1,47 @@
+"""Analysis of run records: collect `result.json` files, aggregate seeds, the paper's tables, plots.
+
+Reads run records (the schema in `metaformer_lab.record`) and nothing else; it imports no training code, so it runs
+where only the records are (`python -m metaformer_lab.analysis runs/`, the notebooks in analysis/).
+"""
+
+from metaformer_lab.analysis.collect import (
+    AXES,
+    CONFIG_AXES,
+    aggregate_seeds,
+    collect_runs,
+    config_key,
+    duplicate_runs,
+    problem_runs,
+)
+from metaformer_lab.analysis.plots import plot_accuracy_vs_macs, plot_deltas, save_figure
+from metaformer_lab.analysis.tables import (
+    axis_table,
+    compare_to_paper,
+    paper_results,
+    paper_table,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
+from metaformer_lab.analysis.wandb_runs import collect_wandb
+
+__all__ = [
+    "AXES",
+    "CONFIG_AXES",
+    "aggregate_seeds",
+    "axis_table",
+    "collect_runs",
+    "collect_wandb",
+    "compare_to_paper",
+    "config_key",
+    "duplicate_runs",
+    "paper_results",
+    "paper_table",
+    "plot_accuracy_vs_macs",
+    "plot_deltas",
+    "problem_runs",
+    "save_figure",
+    "to_csv",
+    "to_latex",
+    "to_markdown",
+]

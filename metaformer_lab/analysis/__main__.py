@@ -1,0 +1,102 @@
+"""`python -m metaformer_lab.analysis DIR [DIR...]`: the paper's table with our runs beside it.
+
+The table goes to stdout (so `--format csv > t.csv` stays clean); problem runs, duplicates and notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from metaformer_lab.analysis.collect import collect_runs, duplicate_runs, problem_runs
+from metaformer_lab.analysis.plots import plot_accuracy_vs_macs, plot_deltas, save_figure
+from metaformer_lab.analysis.tables import axis_table, paper_table, to_csv, to_latex, to_markdown
+from metaformer_lab.analysis.wandb_runs import collect_wandb
+
+RENDER = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    description = "The paper's table with our runs beside it, from run records (result.json)."
+    parser = argparse.ArgumentParser(prog="python -m metaformer_lab.analysis", description=description)
+    parser.add_argument("dirs", nargs="*", metavar="DIR", help="directories searched for result.json (default: runs)")
+    parser.add_argument("--table", choices=["table5", "main", "axes"], default="table5",
+                        help="a paper table, or `axes`: one row per configuration of any sweep")  # fmt: skip
+    parser.add_argument("--axis", help="with --table axes: the axes to show, comma-separated (default: those varying)")
+    parser.add_argument("--format", choices=list(RENDER), default="markdown", help="what is printed")
+    parser.add_argument("--out", type=Path, help="write table.md/.tex/.csv, runs.csv and the plots (PNG, PDF) here")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of this wandb project")
+    args = parser.parse_args(argv)
+    if not args.dirs and not args.wandb:
+        args.dirs = ["runs"]
+    return args
+
+
+def _report(title: str, frame: pd.DataFrame) -> None:
+    """A markdown listing on stderr, long errors cut to one line."""
+    frame = frame.astype(object).where(frame.notna(), "")  # blanks, not nan and <NA>
+    if "error" in frame:
+        frame["error"] = [" ".join(str(e).split())[:160] for e in frame["error"]]
+    print(f"\n{title} ({len(frame)}):", file=sys.stderr)
+    print(frame.to_markdown(index=False, disable_numparse=True), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for missing in [d for d in args.dirs if not Path(d).is_dir()]:
+        print(f"note: {missing} is not a directory; no runs from it", file=sys.stderr)
+    frames = [collect_runs(*[d for d in args.dirs if Path(d).is_dir()])]
+    if args.wandb:
+        try:
+            frames.append(collect_wandb(args.wandb))
+        except RuntimeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    if args.table == "axes":
+        table = axis_table(df, args.axis.split(",") if args.axis else None)
+    else:
+        table = paper_table(df, args.table)
+    print(RENDER[args.format](table), end="" if args.format == "csv" else "\n")
+
+    print(f"\n{len(df)} run records; {int((df['status'] == 'completed').sum())} completed", file=sys.stderr)
+    if args.table != "axes" and len(df) and table.attrs["comparison"]["n"].sum() == 0:
+        print("note: no completed run has the experiment of a row of this table; for other sweeps use --table axes",
+              file=sys.stderr)  # fmt: skip
+    for note in table.attrs.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    problems, duplicates = problem_runs(df), duplicate_runs(df)
+    if len(problems):
+        _report("Runs without a result (not in the table)", problems)
+    if len(duplicates):
+        _report("Duplicates: one configuration and seed recorded more than once (counted once)", duplicates)
+
+    if args.out is not None:
+        written = _write(args.out, df, table)
+        print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _write(out: Path, df: pd.DataFrame, table: pd.DataFrame) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {"table.md": to_markdown(table), "table.tex": to_latex(table), "table.csv": to_csv(table),
+             "runs.csv": to_csv(df)}  # fmt: skip
+    if "comparison" in table.attrs:  # the paper table's numbers, unformatted
+        texts["comparison.csv"] = to_csv(table.attrs["comparison"])
+    written = []
+    for name, text in texts.items():
+        (out / name).write_text(text if text.endswith("\n") else text + "\n")
+        written.append(out / name)
+    if "comparison" in table.attrs:
+        written += save_figure(plot_deltas(table), out / "deltas")
+    written += save_figure(plot_accuracy_vs_macs(df), out / "accuracy_vs_macs")
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(main())

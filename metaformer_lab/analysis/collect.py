@@ -1,0 +1,165 @@
+"""Run records -> DataFrames: every `result.json` under some directories as one row, seeds aggregated per configuration.
+
+Analysis reads run records and nothing else: the schema contract is `metaformer_lab.record`, never training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from metaformer_lab.record import RECORD_NAME, RunRecord, read_record
+
+# what a configuration is, apart from its seed: the axes a table groups and labels by
+CONFIG_AXES = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "data", "image_size", "experiment")
+AXES = (*CONFIG_AXES, "seed", "sweep")
+# config keys that do not change what a run computes, left out of `config_key`: the keys Hydra leaves out of run
+# directory names (conf/config.yaml: hydra.job.config.override_dirname.exclude_keys), plus the seed (seeds of one
+# configuration are grouped) and data.root (the same dataset sits at a different path on each machine)
+RUN_SPECIFIC_KEYS = (
+    "seed", "sweep", "resume", "logger", "trainer.devices", "trainer.num_nodes", "data.num_workers", "data.root",
+)  # fmt: skip
+# `config` (the whole resolved Hydra config) and `versions` are nested dicts: they would make runs.csv unreadable,
+# so they are left out; `config_key` stands for the config, and `collect_runs(..., config=True)` flattens it.
+_NESTED = ("config", "versions")
+_INTS = ("seed", "pool_size", "image_size", "params", "frozen_params", "macs", "epochs", "steps", "global_batch")
+_FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "lr", "wall_time_s")
+COLUMNS = (
+    "status", "error", *AXES, "mixer_stages", "params", "frozen_params", "macs",
+    "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs", "steps", "global_batch", "lr",
+    "wall_time_s", "train_throughput_img_s", "started_at", "finished_at", "git_commit", "wandb_id", "schema_version",
+    "name", "run_dir", "config_key", "duplicate",
+)  # fmt: skip
+
+
+def config_key(config: dict[str, Any], axes: dict[str, Any] | None = None) -> str:
+    """A short hash of the resolved config without its run-specific keys: equal for the seeds of one configuration.
+
+    Hashing the config rather than parsing the run directory name is robust to how a run was launched (the order of
+    overrides, defaults spelled out or not, `train()` called on any directory, names shortened to a hash). A record
+    with no config (older or foreign writers) is keyed by its axes instead.
+    """
+    if config:
+        kept = json.loads(json.dumps(config, default=str))  # a deep copy that also makes every leaf JSON-able
+        for dotted in RUN_SPECIFIC_KEYS:
+            *parents, leaf = dotted.split(".")
+            node = kept
+            for parent in parents:
+                node = node.get(parent) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+    else:
+        kept = {key: (axes or {}).get(key) for key in CONFIG_AXES}
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def record_row(record: RunRecord, run_dir: str, config: bool = False) -> dict[str, Any]:
+    """One DataFrame row from a record; `run_dir` is where the record was found (its own field may be stale)."""
+    row = {key: value for key, value in asdict(record).items() if key not in _NESTED}
+    row["mixer_stages"] = ",".join(record.mixer_stages)
+    row.update(run_dir=run_dir, name=Path(run_dir).name, config_key=config_key(record.config, row))
+    if config:
+        row.update({f"config.{key}": value for key, value in _flatten(record.config).items()})
+    return row
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows as a DataFrame with every column of COLUMNS (also when empty), typed, duplicates flagged."""
+    extra = sorted({key for row in rows for key in row} - set(COLUMNS))
+    df = pd.DataFrame(rows, columns=[*COLUMNS, *extra])
+    for column in _INTS:  # nullable ints: an unreadable row has no seed, a failed one no params
+        df[column] = pd.to_numeric(df[column], errors="coerce").round().astype("Int64")
+    for column in (*_FLOATS, "train_throughput_img_s"):
+        df[column] = pd.to_numeric(df[column], errors="coerce").astype("float64")
+    for column in ("residual", "mlp"):
+        df[column] = df[column].astype("boolean")
+    # the same configuration and seed recorded more than once (a sweep run twice into two roots, a copied run dir):
+    # every copy is flagged, and aggregate_seeds counts the seed once
+    readable = df["config_key"].notna() & df["seed"].notna()
+    df["duplicate"] = readable & df.duplicated(["config_key", "seed"], keep=False)
+    return df
+
+
+def collect_runs(*dirs: str | Path, config: bool = False) -> pd.DataFrame:
+    """Every `result.json` under `dirs` (recursively), one row per run, sorted by experiment, axes and seed.
+
+    A record that cannot be read is a row with status "unreadable" and the reason in `error`, never dropped.
+    `config=True` adds the resolved config, flattened, as `config.<key>` columns (e.g. `config.optim.epochs`).
+    """
+    paths = sorted({path.resolve() for root in dirs for path in Path(root).rglob(RECORD_NAME)})
+    rows = []
+    for path in paths:
+        run_dir = str(path.parent)
+        try:
+            rows.append(record_row(read_record(path), run_dir, config=config))
+        except Exception as error:  # any corrupt file (bad JSON, wrong types, unreadable) must show, not crash
+            rows.append(dict(status="unreadable", error=f"{type(error).__name__}: {error}", run_dir=run_dir,
+                             name=path.parent.name))  # fmt: skip
+    df = runs_frame(rows)
+    order = ["experiment", *CONFIG_AXES[:-1], "config_key", "seed", "run_dir"]
+    return df.sort_values(order, na_position="last", kind="stable", ignore_index=True)
+
+
+def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """Completed runs grouped by configuration (`config_key`): mean, std (over seeds) and n of best val top-1/top-5.
+
+    Accuracies are in percent here (records store fractions). A seed recorded twice counts once: the copy that
+    finished last. Columns: config_key, the axes but seed, name, seeds, n, top1/top5 mean and std, params,
+    frozen_params, macs, epochs.
+    """
+    done = df[(df["status"] == "completed") & df["best_val_top1"].notna()]
+    done = done.sort_values("finished_at", na_position="first", kind="stable")
+    done = done.drop_duplicates(["config_key", "seed"], keep="last")
+    rows = []
+    for key, runs in done.groupby("config_key", sort=False):
+        first = runs.iloc[0]
+        top1, top5 = runs["best_val_top1"] * 100, runs["best_val_top5"] * 100
+        rows.append({
+            "config_key": key, **{axis: first[axis] for axis in CONFIG_AXES},
+            "name": _without_seed(first["name"]), "seeds": ",".join(str(s) for s in sorted(runs["seed"])),
+            "n": len(runs), "top1_mean_pct": top1.mean(), "top1_std_pct": top1.std(),  # std: ddof=1, NaN for n=1
+            "top5_mean_pct": top5.mean(), "top5_std_pct": top5.std(),
+            "params": first["params"], "frozen_params": first["frozen_params"], "macs": first["macs"],
+            "epochs": runs["epochs"].max(),
+        })  # fmt: skip
+    columns = ["config_key", *CONFIG_AXES, "name", "seeds", "n", "top1_mean_pct", "top1_std_pct", "top5_mean_pct",
+               "top5_std_pct", "params", "frozen_params", "macs", "epochs"]  # fmt: skip
+    agg = pd.DataFrame(rows, columns=columns)
+    return agg.sort_values(["experiment", *CONFIG_AXES[:-1]], na_position="last", kind="stable", ignore_index=True)
+
+
+def _without_seed(name: str) -> str:
+    """A Hydra run directory name (`+experiment=t5_identity,optim.epochs=3,seed=1`) without its seed item."""
+    return ",".join(item for item in str(name).split(",") if not item.startswith("seed="))
+
+
+def problem_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs that did not give a result: failed, diverged, running, interrupted, unreadable, or completed without a
+    validation score; with status and error. Tables count them and the CLI lists them, so none goes unnoticed."""
+    bad = df[(df["status"] != "completed") | df["best_val_top1"].isna()].copy()
+    no_score = (bad["status"] == "completed") & bad["error"].isna()
+    bad.loc[no_score, "error"] = "completed without a validation score"
+    columns = ["status", "experiment", "name", "seed", "epochs", "error", "run_dir"]
+    return bad[columns].sort_values(["status", "experiment", "name"], na_position="last", ignore_index=True)
+
+
+def duplicate_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The records flagged `duplicate`: one configuration and seed recorded more than once."""
+    columns = ["config_key", "seed", "status", "experiment", "finished_at", "run_dir"]
+    return df.loc[df["duplicate"], columns].sort_values(["config_key", "seed"], ignore_index=True)

@@ -1,0 +1,307 @@
+"""Analysis on fake run records, no training: collect, aggregate, paper tables, renderings, plots, CLI, notebooks."""
+
+import asyncio
+import io
+import json
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from metaformer_lab.analysis import (
+    aggregate_seeds,
+    axis_table,
+    collect_runs,
+    collect_wandb,
+    compare_to_paper,
+    duplicate_runs,
+    paper_table,
+    plot_accuracy_vs_macs,
+    plot_deltas,
+    problem_runs,
+    save_figure,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
+from metaformer_lab.analysis.__main__ import main
+from metaformer_lab.record import RunRecord, write_record
+
+ROOT = Path(__file__).parents[1]
+PAPER = pd.read_csv(ROOT / "metaformer_lab" / "analysis" / "paper_results.csv")
+NOTEBOOKS = [ROOT / "analysis" / "table5.ipynb", ROOT / "analysis" / "main_table.ipynb"]
+# best val top-1 (fractions, as records store them) per experiment and seed
+TOP1 = {"t5_baseline": [0.70, 0.72, 0.74], "t5_identity": [0.65, 0.66], "t5_pool5": [0.71], "main_s12": [0.75],
+        "main_s24": [0.78, 0.80]}  # fmt: skip
+
+
+def fake_run(root: Path, experiment: str | None, seed: int, top1: float | None = None, status: str = "completed",
+             error: str | None = None, sweep: str = "demo", epochs: int = 3, mixer: str = "pooling",
+             finished_at: str = "2025-01-01T00:00:00") -> Path:  # fmt: skip
+    """A run directory as training leaves it: named by its overrides, with a record and a resolved config."""
+    config = {
+        "seed": seed, "experiment": experiment, "sweep": sweep, "resume": None, "logger": {"wandb": False},
+        "model": {"name": "poolformer_s12"}, "mixer": {"name": mixer, "pool_size": 3},
+        "optim": {"epochs": epochs}, "data": {"name": "shapes", "image_size": 32, "num_workers": 0, "seed": 0},
+        "trainer": {"devices": 1, "precision": "32"},
+    }  # fmt: skip
+    name = (f"+experiment={experiment}," if experiment else f"mixer={mixer},") + f"optim.epochs={epochs},seed={seed}"
+    run_dir = root / sweep / name
+    write_record(run_dir, RunRecord(
+        status=status, error=error, run_dir=str(run_dir), model="poolformer_s12", mixer=mixer,
+        mixer_stages=[mixer] * 4, pool_size=3, norm="modified_layernorm", act="gelu", seed=seed, data="shapes",
+        image_size=32, experiment=experiment, sweep=sweep, params=11_915_176, frozen_params=0, macs=1_822_700_000,
+        best_val_top1=top1, best_val_top5=None if top1 is None else top1 + 0.2, final_val_top1=top1, epochs=epochs,
+        steps=30 * epochs, finished_at=finished_at, config=config,
+    ))  # fmt: skip
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    for experiment, accuracies in TOP1.items():
+        for seed, top1 in enumerate(accuracies):
+            fake_run(root, experiment, seed, top1)
+    fake_run(root, "t5_noresidual", 0, status="diverged", error="DivergedError: loss is nan at step 12")
+    fake_run(root, "t5_relu", 0, status="failed", error="RuntimeError: CUDA out of memory")
+    fake_run(root, "t5_relu", 1, status="running", finished_at=None)
+    # seed 0 of the baseline again, in another sweep root: the same configuration and seed, finished later
+    fake_run(root, "t5_baseline", 0, 0.90, sweep="again", finished_at="2025-02-01T00:00:00")
+    (root / "demo" / "corrupt").mkdir()
+    (root / "demo" / "corrupt" / "result.json").write_text('{"status": "completed", "best_val')
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(runs_root) -> pd.DataFrame:
+    return collect_runs(runs_root)
+
+
+def test_collect_finds_every_record_with_the_axes_as_columns(runs):
+    assert len(runs) == 9 + 3 + 1 + 1  # completed, problems, the duplicate, the corrupt one
+    for column in ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "seed", "data", "image_size",
+                   "experiment", "sweep", "status", "error", "params", "frozen_params", "macs", "best_val_top1",
+                   "best_val_top5", "final_val_top1", "epochs", "steps", "wall_time_s", "run_dir", "config_key",
+                   "duplicate"):  # fmt: skip
+        assert column in runs.columns, column
+    assert "config" not in runs.columns and "versions" not in runs.columns
+    assert sorted(runs["status"].value_counts().items()) == [
+        ("completed", 10), ("diverged", 1), ("failed", 1), ("running", 1), ("unreadable", 1)]  # fmt: skip
+    assert runs.loc[runs["experiment"].eq("t5_pool5"), "mixer_stages"].item() == "pooling,pooling,pooling,pooling"
+
+
+def test_a_corrupt_record_is_a_row_with_its_error(runs):
+    bad = runs[runs["status"] == "unreadable"].iloc[0]
+    assert bad["error"].startswith("JSONDecodeError") and bad["run_dir"].endswith("corrupt")
+
+
+def test_collect_of_nothing_has_the_columns(tmp_path):
+    empty = collect_runs(tmp_path)
+    assert len(empty) == 0 and {"status", "config_key", "best_val_top1"} <= set(empty.columns)
+
+
+def test_config_key_ignores_seed_and_run_specific_keys_only(tmp_path):
+    fake_run(tmp_path, "t5_identity", 0, 0.5, sweep="a")
+    fake_run(tmp_path, "t5_identity", 1, 0.5, sweep="b")  # another seed, another sweep: the same configuration
+    fake_run(tmp_path, "t5_identity", 0, 0.5, sweep="c", epochs=300)  # longer schedule: another configuration
+    fake_run(tmp_path, "t5_baseline", 0, 0.5, sweep="a")  # same model, another paper row: another configuration
+    df = collect_runs(tmp_path).set_index(["experiment", "sweep"])["config_key"]
+    assert df[("t5_identity", "a")] == df[("t5_identity", "b")]
+    assert df[("t5_identity", "c")] != df[("t5_identity", "a")] != df[("t5_baseline", "a")]
+
+
+def test_duplicates_are_flagged_and_counted_once(runs):
+    dups = duplicate_runs(runs)
+    assert len(dups) == 2 and set(dups["experiment"]) == {"t5_baseline"} and set(dups["seed"]) == {0}
+    assert runs["duplicate"].sum() == 2
+    baseline = aggregate_seeds(runs).set_index("experiment").loc["t5_baseline"]
+    assert baseline["n"] == 3 and baseline["seeds"] == "0,1,2"  # the copy that finished last counts: 0.90
+    assert baseline["top1_mean_pct"] == pytest.approx((90 + 72 + 74) / 3)
+
+
+def test_aggregate_seeds_gives_mean_std_n_in_percent(runs):
+    agg = aggregate_seeds(runs).set_index("experiment")
+    assert set(agg.index) == set(TOP1)  # completed runs only
+    identity = agg.loc["t5_identity"]
+    assert identity["n"] == 2 and identity["top1_mean_pct"] == pytest.approx(65.5)
+    assert identity["top1_std_pct"] == pytest.approx(pd.Series([65.0, 66.0]).std())
+    assert identity["top5_mean_pct"] == pytest.approx(85.5) and identity["params"] == 11_915_176
+    assert agg.loc["t5_pool5", "n"] == 1 and pd.isna(agg.loc["t5_pool5", "top1_std_pct"])
+
+
+def test_problem_runs_lists_every_run_without_a_result(runs):
+    problems = problem_runs(runs)
+    assert sorted(problems["status"]) == ["diverged", "failed", "running", "unreadable"]
+    assert problems.set_index("status").loc["diverged", "error"].startswith("DivergedError")
+
+
+def test_table5_without_runs_is_the_paper_with_dashes():
+    table = paper_table(collect_runs(), "table5")
+    paper = PAPER[PAPER["table"] == "table5"]
+    assert len(table) == 18 and list(table["Variant"]) == list(paper["variant"])
+    identity = table.set_index("Variant").loc["Pooling → Identity mapping"]
+    assert identity["Top-1 paper (%)"] == "74.3" and identity["Top-1 here (%, mean ± std, n)"] == "—"
+    assert identity["Δ vs baseline here"] == "—" and identity["Δ vs baseline in the paper"] == "-2.9"
+    assert identity["Params (M)"] == "11.9 (paper)" and identity["MACs (G)"] == "1.8 (paper)"
+    assert table["Top-1 paper (%)"].astype(float).tolist() == paper["top1"].tolist()
+
+
+def test_table5_with_runs_has_ours_and_both_deltas(runs):
+    table = paper_table(runs, "table5").set_index("Variant")
+    assert table.loc["None (PoolFormer-S12)", "Top-1 here (%, mean ± std, n)"].endswith("(n=3)")
+    assert table.loc["Pooling → Identity mapping", "Top-1 here (%, mean ± std, n)"] == "65.5 ± 0.7 (n=2)"
+    assert table.loc["Pooling size 3 → 5", "Top-1 here (%, mean ± std, n)"] == "71.0 (n=1)"
+    assert table.loc["Pooling → Identity mapping", "Params (M)"] == "11.9"  # ours: no "(paper)"
+    assert table.loc["Pooling → Identity mapping", "MACs (G)"] == "1.82"
+    assert table.loc["GELU → ReLU", "Top-1 here (%, mean ± std, n)"] == "— (1 failed, 1 running)"
+    assert table.loc["Residual connection → None", "Top-1 here (%, mean ± std, n)"] == "— (1 diverged)"
+    numbers = compare_to_paper(runs, "table5").set_index("experiment")
+    baseline = (90 + 72 + 74) / 3
+    assert numbers.loc["t5_identity", "delta_here"] == pytest.approx(65.5 - baseline)
+    assert numbers.loc["t5_identity", "delta_paper"] == pytest.approx(74.3 - 77.2)
+    assert table.loc["Pooling → Identity mapping", "Δ vs baseline here"] == f"{65.5 - baseline:+.1f}"
+
+
+def test_main_table_deltas_are_vs_s12(runs):
+    table = paper_table(runs, "main")
+    assert list(table["Variant"]) == [f"PoolFormer-{m}" for m in ("S12", "S24", "S36", "M36", "M48")]
+    s24 = table.set_index("Variant").loc["PoolFormer-S24"]
+    assert s24["Δ vs baseline here"] == "+4.0" and s24["Δ vs baseline in the paper"] == "+3.1"
+    assert table.loc[0, "Δ vs baseline here"] == "baseline"
+
+
+def test_an_experiment_with_two_configurations_shows_the_longest_and_says_so(tmp_path):
+    fake_run(tmp_path, "t5_identity", 0, 0.30, epochs=3)
+    fake_run(tmp_path, "t5_identity", 0, 0.60, epochs=300)
+    table = paper_table(collect_runs(tmp_path))
+    assert table.loc[1, "Top-1 here (%, mean ± std, n)"] == "60.0 (n=1)"
+    assert len(table.attrs["notes"]) == 1 and "2 configurations" in table.attrs["notes"][0]
+
+
+def test_renderings_parse(runs):
+    table = paper_table(runs, "table5")
+    markdown = to_markdown(table).splitlines()
+    assert len(markdown) == 2 + 18 and all(line.count("|") == 9 for line in markdown)
+    assert "74.3" in markdown[3] and "Identity mapping" in markdown[3]
+
+    latex = to_latex(table)
+    assert latex.startswith(r"\begin{tabular}{") and latex.rstrip().endswith(r"\end{tabular}")
+    assert latex.count("{") - latex.count(r"\{") == latex.count("}") - latex.count(r"\}")
+    assert "±" not in latex and "Δ" not in latex and "→" not in latex and r"$\pm$" in latex
+    rows = [line for line in latex.splitlines() if line.endswith(r"\\")]
+    assert len(rows) == 1 + 18 and all(len(re.findall(r"(?<!\\)&", row)) == 7 for row in rows)
+    assert latex.count("$") % 2 == 0
+
+    back = pd.read_csv(io.StringIO(to_csv(table)), keep_default_na=False)
+    assert list(back.columns) == list(table.columns) and len(back) == 18
+    assert back.loc[1, "Ablation"] == "Token mixers" and back.loc[1, "Top-1 paper (%)"] == 74.3
+
+
+def test_axis_table_for_any_sweep(tmp_path):
+    for seed, (pool, identity) in enumerate([(0.5, 0.4), (0.6, 0.4)]):
+        fake_run(tmp_path, None, seed, pool, mixer="pooling")
+        fake_run(tmp_path, None, seed, identity, mixer="identity")
+    table = axis_table(collect_runs(tmp_path))
+    assert list(table["mixer"]) == ["identity", "pooling"]
+    assert list(table["Top-1 (%, mean ± std, n)"]) == ["40.0 ± 0.0 (n=2)", "55.0 ± 7.1 (n=2)"]
+    assert to_latex(table).startswith(r"\begin{tabular}{lrrrr}")  # mixer, params, MACs, top-1, top-5
+
+
+def test_plots_save_png_and_pdf(runs, tmp_path):
+    for name, fig in (("deltas", plot_deltas(paper_table(runs))), ("macs", plot_accuracy_vs_macs(runs)),
+                      ("empty", plot_deltas(compare_to_paper(collect_runs()))),
+                      ("empty_macs", plot_accuracy_vs_macs(collect_runs()))):  # fmt: skip
+        png, pdf = save_figure(fig, tmp_path / "plots" / name)
+        assert png.read_bytes()[:4] == b"\x89PNG" and pdf.read_bytes()[:4] == b"%PDF"
+
+
+def test_cli_writes_the_table_and_its_files(runs_root, tmp_path, capsys):
+    assert main([str(runs_root), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert "| Token mixers" in out and "Identity mapping" in out
+    assert "diverged" in err and "JSONDecodeError" in err and "Duplicates" in err
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"table.md", "table.tex", "table.csv", "runs.csv", "comparison.csv", "deltas.png", "deltas.pdf",
+            "accuracy_vs_macs.png", "accuracy_vs_macs.pdf"} <= files  # fmt: skip
+    assert len(pd.read_csv(tmp_path / "out" / "runs.csv")) == 14
+
+    assert main([str(runs_root), "--table", "main", "--format", "csv"]) == 0
+    assert len(pd.read_csv(io.StringIO(capsys.readouterr().out))) == 5
+
+
+def test_cli_with_no_runs_prints_the_paper(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "metaformer_lab.analysis", str(tmp_path / "none"), "--format", "latex"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert r"\begin{tabular}" in result.stdout and "74.3" in result.stdout and "is not a directory" in result.stderr
+
+
+def test_wandb_offline_fails_clearly_and_runs_read_into_the_schema(monkeypatch):
+    class NoNetwork:
+        def __init__(self):
+            raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=NoNetwork))
+    with pytest.raises(RuntimeError, match="cannot reach wandb"):
+        collect_wandb("me/metaformer")
+    assert main(["--wandb", "me/metaformer"]) == 2
+
+    run = types.SimpleNamespace(
+        id="abc", url="https://wandb.ai/me/metaformer/runs/abc", state="finished",
+        config={"model": "small", "mixer": "identity", "seed": 1, "experiment": "t5_identity", "params": 5,
+                "config": {"seed": 1, "experiment": "t5_identity", "data": {"image_size": 32}}},
+        summary={"params": 5, "macs": 7, "best_val_top1": 0.5, "status": "completed"},
+    )  # fmt: skip
+    api = types.SimpleNamespace(runs=lambda path: [run])
+    df = collect_wandb("me/metaformer", api=api)
+    assert list(df.columns[: len(collect_runs().columns)]) == list(collect_runs().columns)
+    row = df.iloc[0]
+    assert (row["status"], row["mixer"], row["seed"], row["image_size"], row["macs"]) == (
+        "completed", "identity", 1, 32, 7)  # fmt: skip
+    assert paper_table(df).loc[1, "Top-1 here (%, mean ± std, n)"] == "50.0 (n=1)"
+
+
+def test_analysis_imports_no_training_code():
+    code = (
+        "import sys, metaformer_lab.analysis, metaformer_lab.analysis.__main__\n"
+        "bad = ('lightning', 'hydra', 'omegaconf', 'torch', 'wandb', 'metaformer_lab.train', 'metaformer_lab.module',"
+        " 'metaformer_lab.config', 'metaformer_lab.models')\n"
+        "print([m for m in sys.modules if m.startswith(bad)])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_stored_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
+
+
+def test_notebooks_run_headless_on_a_runs_directory(runs_root, monkeypatch):
+    monkeypatch.setenv("METAFORMER_RUNS", str(runs_root))  # the kernels inherit the environment
+    notebooks = [nbformat.read(path, as_version=4) for path in NOTEBOOKS]
+
+    async def run_all():  # both kernels at once: their start-up is most of the time
+        where = {"metadata": {"path": str(ROOT / "analysis")}}  # the cwd of a notebook opened in Jupyter
+        clients = [NotebookClient(nb, timeout=120, kernel_name="python3", resources=where) for nb in notebooks]
+        await asyncio.gather(*(client.async_execute() for client in clients))
+
+    asyncio.run(run_all())
+    for nb in notebooks:
+        text = json.dumps([cell.get("outputs", []) for cell in nb.cells])
+        assert "run records under" in text and "image/png" in text
+    assert "Identity mapping" in json.dumps(notebooks[0].cells[2].outputs)
+    assert "PoolFormer-S24" in json.dumps(notebooks[1].cells[2].outputs)
