@@ -107,7 +107,7 @@ def run_axes(cfg: DictConfig, model: MetaFormer) -> dict[str, Any]:
         model=cfg.model.name, mixer=stages[0] if len(set(stages)) == 1 else ",".join(stages), mixer_stages=stages,
         pool_size=cfg.mixer.pool_size, norm=cfg.norm.name, act=cfg.act.name, residual=cfg.model.residual,
         mlp=cfg.model.mlp, seed=cfg.seed, data=cfg.data.name, image_size=cfg.data.image_size,
-        experiment=cfg.experiment, sweep=cfg.sweep,
+        experiment=cfg.experiment, sweep=cfg.sweep_name,
     )  # fmt: skip
 
 

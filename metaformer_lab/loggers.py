@@ -40,7 +40,7 @@ def wandb_logger(cfg: DictConfig, run_dir: Path, record: RunRecord) -> WandbLogg
         name=run_dir.name,
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=cfg.sweep or cfg.experiment or "default",
+        group=cfg.sweep_name or cfg.experiment or "default",
         tags=[f"{key}={value}" for key, value in axes.items() if value is not None],
         save_dir=str(run_dir),
         id=record.wandb_id,

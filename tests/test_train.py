@@ -141,11 +141,13 @@ def test_wandb_offline_run_has_the_axes_in_its_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no key configured: offline by default
     snapshot = _WandbSnapshot()
-    cfg = compose_config(*QUICK, "optim.epochs=1", "logger=wandb", "mixer=identity", "norm=batchnorm", "sweep=demo")
+    cfg = compose_config(
+        *QUICK, "optim.epochs=1", "logger=wandb", "mixer=identity", "norm=batchnorm", "+sweep=table5_act"
+    )
     record = train(cfg, tmp_path, callbacks=[snapshot])
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert record.status == "completed" and len(runs) == 1 and record.wandb_id in runs[0].name
-    assert snapshot.mode == "offline" and snapshot.group == "demo"
+    assert snapshot.mode == "offline" and snapshot.group == "table5_act"
     assert {"mixer=identity", "norm=batchnorm", "act=gelu", "seed=0"} <= snapshot.tags
     assert snapshot.config["mixer"] == "identity" and snapshot.config["norm"] == "batchnorm"
     assert snapshot.config["params"] == record.params and snapshot.config["config"]["optim"]["epochs"] == 1

@@ -22,7 +22,8 @@ AXES = (*CONFIG_AXES, "seed", "sweep")
 # directory names (conf/config.yaml: hydra.job.config.override_dirname.exclude_keys), plus the seed (seeds of one
 # configuration are grouped) and data.root (the same dataset sits at a different path on each machine)
 RUN_SPECIFIC_KEYS = (
-    "seed", "sweep", "resume", "logger", "trainer.devices", "trainer.num_nodes", "data.num_workers", "data.root",
+    "seed", "sweep", "sweep_name", "resume", "logger", "trainer.devices", "trainer.num_nodes", "data.num_workers",
+    "data.root",
 )  # fmt: skip
 # `config` (the whole resolved Hydra config) and `versions` are nested dicts: they would make runs.csv unreadable,
 # so they are left out; `config_key` stands for the config, and `collect_runs(..., config=True)` flattens it.
