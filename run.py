@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
         # a bad setting is the user's to fix, not a crash: say what and stop, without a traceback
         print(f"error: {error}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            return None  # the run's record says failed; the sweep goes on
+            return None  # the sweep goes on with its other runs (this one's record, if it got one, says failed)
         raise SystemExit(2) from None
     return record.best_val_top1
 

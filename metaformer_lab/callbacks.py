@@ -38,7 +38,15 @@ class ResumableRng(L.Callback):
     """Saves the RNG states (drop path, mixup) with each checkpoint and restores them on resume.
 
     Lightning does not, so without this a resumed run would draw other random numbers than an uninterrupted one.
+    Checkpoints hold rank 0's states; under DDP the other ranks derive their own streams from them on resume
+    (deterministic, but only single-process runs resume bit for bit).
     """
+
+    def __init__(self) -> None:
+        self.rank = 0
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self.rank = trainer.global_rank  # setup runs before a checkpoint is restored
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -52,6 +60,10 @@ class ResumableRng(L.Callback):
         random.setstate((version, tuple(internal), gauss))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+        if self.rank > 0:
+            seed = int(torch.randint(2**62, ()).item()) + self.rank
+            torch.manual_seed(seed)
+            random.seed(seed)
 
 
 class TrainThroughput(L.Callback):

@@ -91,6 +91,11 @@ def device_count(trainer: Mapping[str, Any]) -> int:
 
 def accumulation(cfg: DictConfig, optim: OptimSettings) -> int:
     """Micro-batches per optimizer step so that one step sees `optim.global_batch` images on any device count."""
+    for key, value in (("data.batch_size", cfg.data.batch_size), ("trainer.num_nodes", cfg.trainer.num_nodes)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(key, value, "a positive whole number")
+    if device_count(cfg.trainer) < 1:
+        raise ConfigError("trainer.devices", cfg.trainer.devices, "at least one device (a count, a list, -1 or auto)")
     per_step = cfg.data.batch_size * device_count(cfg.trainer) * cfg.trainer.num_nodes
     if optim.global_batch % per_step:
         raise ConfigError(
@@ -102,12 +107,17 @@ def accumulation(cfg: DictConfig, optim: OptimSettings) -> int:
 
 def run_axes(cfg: DictConfig, model: MetaFormer) -> dict[str, Any]:
     """The ablation axes of a run, flat: the record's and wandb's keys to group and filter by."""
-    stages = [spec.mixer for spec in model.stage_specs]
+    specs = model.stage_specs
+
+    def axis(name: str) -> Any:  # one value for all stages, or per stage as "a,b,c,d" (plain types for JSON)
+        values = [getattr(spec, name) for spec in specs]
+        return values[0] if len(set(values)) == 1 else ",".join(str(v).lower() for v in values)
+
     return dict(
-        model=cfg.model.name, mixer=stages[0] if len(set(stages)) == 1 else ",".join(stages), mixer_stages=stages,
-        pool_size=cfg.mixer.pool_size, norm=cfg.norm.name, act=cfg.act.name, residual=cfg.model.residual,
-        mlp=cfg.model.mlp, seed=cfg.seed, data=cfg.data.name, image_size=cfg.data.image_size,
-        experiment=cfg.experiment, sweep=cfg.sweep_name,
+        model=cfg.model.name, mixer=axis("mixer"), mixer_stages=[spec.mixer for spec in specs],
+        pool_size=axis("pool_size"), norm=axis("norm"), act=axis("act"), residual=axis("residual"), mlp=axis("mlp"),
+        seed=cfg.seed, data=cfg.data.name, image_size=cfg.data.image_size, experiment=cfg.experiment,
+        sweep=cfg.sweep_name,
     )  # fmt: skip
 
 
@@ -134,7 +144,7 @@ def check_sweep_launch(cfg: DictConfig, environ: Mapping[str, str]) -> None:
     """
     processes = device_count(cfg.trainer) * cfg.trainer.num_nodes
     strategy = str(cfg.trainer.strategy)
-    if processes > 1 and strategy.startswith("ddp") and "spawn" not in strategy:
+    if processes > 1 and (strategy == "auto" or strategy.startswith("ddp")) and "spawn" not in strategy:
         if not any(key in environ for key in _EXTERNAL_LAUNCH):
             raise ConfigError(
                 "trainer.strategy", strategy,

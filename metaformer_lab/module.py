@@ -41,6 +41,14 @@ class OptimSettings:
     grad_clip: float | None
 
     def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name not in ("betas", "grad_clip") and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ConfigError(f"optim.{name}", value, "a number")
+        if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError("optim.betas", list(self.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        for name in ("global_batch", "epochs", "cooldown_epochs"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"optim.{name}", getattr(self, name), "a whole number")
         positive = ("base_lr", "global_batch", "epochs", "eps")
         non_negative = ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "cooldown_epochs")
         non_negative += ("mixup_alpha", "cutmix_alpha")

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaformer_lab.config import (
     build_datamodule,
@@ -30,9 +30,8 @@ from metaformer_lab.config import (
     run_name,
 )  # fmt: skip
 from metaformer_lab.profile import measure_throughput
-from metaformer_lab.record import RECORD_NAME, read_record
+from metaformer_lab.record import FINAL, RECORD_NAME, read_record
 from metaformer_lab.registry import ConfigError
-from metaformer_lab.train import FINAL
 
 CONF = Path(__file__).parents[1] / "conf"
 
@@ -69,6 +68,7 @@ def compose_job(job: list[str]) -> tuple[DictConfig, str, DictConfig | None]:
 
 def plan(overrides: list[str], device: torch.device, measure_steps: int = 3) -> list[PlannedRun]:
     speeds: dict[str, tuple[float, float]] = {}  # distinct model and input size -> (train, forward) img/s
+    sizes: dict[str, tuple[int | None, int | None]] = {}  # distinct data settings -> (train, val) images
     planned = []
     for job in expand_sweep(overrides):
         cfg, run_dir, _ = compose_job(job)
@@ -88,7 +88,10 @@ def plan(overrides: list[str], device: torch.device, measure_steps: int = 3) -> 
             speed = measure_throughput(model, cfg.data.image_size, batch, device, steps=measure_steps, warmup=1)
             speeds[key] = (speed.train_step_img_s, speed.forward_img_s)
         train_speed, forward_speed = speeds[key]
-        train_images, val_images = datamodule.split_sizes()
+        data_key = repr(OmegaConf.to_container(cfg.data))
+        if data_key not in sizes:  # an image folder is scanned once, not once per job
+            sizes[data_key] = datamodule.split_sizes()
+        train_images, val_images = sizes[data_key]
         seconds = None
         if train_images is not None:
             workers = device_count(cfg.trainer) * cfg.trainer.num_nodes

@@ -16,6 +16,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
 
 
 @dataclass
@@ -27,11 +28,12 @@ class RunRecord:
     model: str = ""  # size preset
     mixer: str = ""  # "pooling", or per stage "pooling,pooling,attention,attention"
     mixer_stages: list[str] = field(default_factory=list)
-    pool_size: int | None = None
+    # axes that can differ per stage hold one value, or "a,b,c,d" when they do (as `mixer`)
+    pool_size: int | str | None = None
     norm: str = ""
     act: str = ""
-    residual: bool = True
-    mlp: bool = True
+    residual: bool | str = True
+    mlp: bool | str = True
     seed: int = 0
     data: str = ""
     image_size: int | None = None

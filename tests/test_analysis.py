@@ -305,3 +305,16 @@ def test_notebooks_run_headless_on_a_runs_directory(runs_root, monkeypatch):
         assert "run records under" in text and "image/png" in text
     assert "Identity mapping" in json.dumps(notebooks[0].cells[2].outputs)
     assert "PoolFormer-S24" in json.dumps(notebooks[1].cells[2].outputs)
+
+
+def test_axes_that_vary_by_stage_are_kept_as_strings(tmp_path):
+    uniform = RunRecord(status="completed", experiment=None, seed=0, residual=True, pool_size=3, best_val_top1=0.5,
+                        best_val_top5=0.9, config={"a": 1})  # fmt: skip
+    per_stage = RunRecord(status="completed", experiment=None, seed=0, residual="true,true,false,true",
+                          pool_size="3,5,3,3", best_val_top1=0.4, best_val_top5=0.8, config={"a": 2})  # fmt: skip
+    write_record(tmp_path / "uniform", uniform)
+    write_record(tmp_path / "per_stage", per_stage)
+    df = collect_runs(tmp_path)
+    assert sorted(df["residual"]) == ["true", "true,true,false,true"]
+    assert sorted(df["pool_size"]) == ["3", "3,5,3,3"]
+    assert len(aggregate_seeds(df)) == 2 and len(axis_table(df, axis="residual")) == 2

@@ -63,6 +63,13 @@ def test_the_default_config_builds():
         ("optim.global_batch=100", "optim.global_batch", "multiple of data.batch_size"),
         ("+model.mixr=identity", "model.mixr", "not a model argument"),
         ("+data.sise=3", "data.sise", "not a setting here; valid: image_size"),
+        ("optim.base_lr=abc", "optim.base_lr", "a number"),
+        ("optim.betas=[0.9]", "optim.betas", "two numbers in [0, 1)"),
+        ("optim.epochs=2.5", "optim.epochs", "a whole number"),
+        ("data.batch_size=0", "data.batch_size", "a positive integer"),
+        ("trainer.devices=0", "trainer.devices", "at least one device"),
+        ("data.train_size=10", "data.train_size", "at least one batch"),
+        ("data.image_size=36", "data.image_size", "a multiple of 8"),
     ],
 )
 def test_bad_settings_name_key_value_and_choices(override, key, words):
@@ -106,3 +113,28 @@ def test_run_directory_is_derived_from_the_overrides():
     assert run_name("data.root=/a/b") == "data.root=_a_b"
     long = run_name("x" * 300)
     assert len(long) < 200 and long != run_name("x" * 299)
+
+
+def test_lightning_setup_errors_become_config_errors_with_a_failed_record(tmp_path):
+    from metaformer_lab.record import read_record
+    from metaformer_lab.train import train
+
+    with pytest.raises(ConfigError, match=r"trainer=.*accelerator=gpu.*Lightning cannot set this up"):
+        train(compose_config("trainer=gpu", "logger=csv"), tmp_path)
+    assert read_record(tmp_path).status == "failed"
+
+
+def test_ddp_under_a_local_sweep_is_refused_also_as_auto():
+    from metaformer_lab.config import check_sweep_launch
+
+    for strategy in ("ddp", "auto"):
+        with pytest.raises(ConfigError, match="re-launch the sweep"):
+            check_sweep_launch(compose_config(f"trainer.strategy={strategy}", "trainer.devices=2"), {})
+    check_sweep_launch(compose_config("trainer.strategy=ddp", "trainer.devices=2"), {"SLURM_NTASKS": "2"})
+    check_sweep_launch(compose_config(), {})
+
+
+def test_quick_cpu_version_of_every_sweep_row_builds(tmp_path):
+    for name in EXPERIMENTS:  # the documented `data=shapes model=small` shortcut works for every paper row
+        cfg = compose_config(f"+experiment={name}", "data=shapes", "model=small")
+        build_model(cfg, build_datamodule(cfg).num_classes, device="meta")

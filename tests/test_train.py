@@ -37,6 +37,15 @@ def test_run_py_trains_and_writes_a_completed_record(tmp_path, precision):
     assert (run_dir / "csv" / "metrics.csv").exists()
 
 
+def test_compiled_model_trains_and_keeps_plain_checkpoint_keys(tmp_path):
+    record = train(
+        compose_config(*QUICK, "optim.epochs=1", "trainer.compile=aot_eager", "trainer.channels_last=true"), tmp_path
+    )
+    assert record.status == "completed"
+    keys = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "model.patch_embed.proj.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
 def test_per_stage_mixers_from_one_override(tmp_path):
     cfg = compose_config(*QUICK, "optim.epochs=1", "mixer.stages=[pooling,identity,attention,attention]")
     record = train(cfg, tmp_path)

@@ -28,7 +28,8 @@ RUN_SPECIFIC_KEYS = (
 # `config` (the whole resolved Hydra config) and `versions` are nested dicts: they would make runs.csv unreadable,
 # so they are left out; `config_key` stands for the config, and `collect_runs(..., config=True)` flattens it.
 _NESTED = ("config", "versions")
-_INTS = ("seed", "pool_size", "image_size", "params", "frozen_params", "macs", "epochs", "steps", "global_batch")
+_PER_STAGE = {"pool_size": "Int64", "residual": "boolean", "mlp": "boolean"}
+_INTS = ("seed", "image_size", "params", "frozen_params", "macs", "epochs", "steps", "global_batch")
 _FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "lr", "wall_time_s")
 COLUMNS = (
     "status", "error", *AXES, "mixer_stages", "params", "frozen_params", "macs",
@@ -88,8 +89,12 @@ def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         df[column] = pd.to_numeric(df[column], errors="coerce").round().astype("Int64")
     for column in (*_FLOATS, "train_throughput_img_s"):
         df[column] = pd.to_numeric(df[column], errors="coerce").astype("float64")
-    for column in ("residual", "mlp"):
-        df[column] = df[column].astype("boolean")
+    for column, dtype in _PER_STAGE.items():
+        # one value for all stages, or per stage as "3,5,3,3" (like `mixer`): typed unless some run varies by stage
+        per_stage = df[column].map(lambda value: isinstance(value, str)).any()
+        df[column] = (
+            df[column].map(lambda v: v if pd.isna(v) else str(v).lower()) if per_stage else df[column].astype(dtype)
+        )
     # the same configuration and seed recorded more than once (a sweep run twice into two roots, a copied run dir):
     # every copy is flagged, and aggregate_seeds counts the seed once
     readable = df["config_key"].notna() & df["seed"].notna()

@@ -151,8 +151,8 @@ def axis_table(df: pd.DataFrame, axis: str | list[str] | None = None, digits: in
     out = pd.DataFrame({a: agg[a].astype(object).where(agg[a].notna(), DASH).astype(str) for a in axes})
     if out.duplicated().any():
         out["Config"] = agg["name"]
-    out["Params (M)"] = [_num(p / 1e6) for p in agg["params"].astype("float64")]
-    out["MACs (G)"] = [_num(m / 1e9) for m in agg["macs"].astype("float64")]
+    out["Params (M)"] = [_num(p / 1e6) for p in pd.to_numeric(agg["params"], errors="coerce").astype("float64")]
+    out["MACs (G)"] = [_num(m / 1e9) for m in pd.to_numeric(agg["macs"], errors="coerce").astype("float64")]
     for k in ("top1", "top5"):
         out[f"Top-{k[-1]} (%, mean ± std, n)"] = [
             _mean_std(mean, std, n, digits=digits)

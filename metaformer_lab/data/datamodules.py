@@ -12,10 +12,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from metaformer_lab.data.shapes import CLASS_NAMES, generate_shapes
-from metaformer_lab.registry import Registry
+from metaformer_lab.registry import ConfigError, Registry
 
 DATASETS: Registry[type[L.LightningDataModule]] = Registry("data")
 VAL_SEED_OFFSET = 1_000_003  # validation images come from a disjoint seed stream
+
+
+def _check(key: str, value: object, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, expected)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -25,8 +30,14 @@ class ImageDataModule(L.LightningDataModule):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-    def __init__(self, image_size: int, batch_size: int, num_workers: int, shuffle_seed: int) -> None:
+    def __init__(self, image_size: int, batch_size: int, num_workers: int, shuffle_seed: int, crop_pct: float) -> None:
         super().__init__()
+        _check("data.image_size", image_size, isinstance(image_size, int) and image_size >= 32 and image_size % 8 == 0,
+               "a multiple of 8, at least 32")  # fmt: skip
+        _check("data.batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "a positive integer")
+        _check("data.num_workers", num_workers, isinstance(num_workers, int) and num_workers >= 0, "0 or more")
+        _check("data.crop_pct", crop_pct, isinstance(crop_pct, int | float) and 0 < crop_pct <= 1, "in (0, 1]")
+        self.crop_pct = crop_pct
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.shuffle_seed = shuffle_seed
         self.train: Dataset | None = None
@@ -72,8 +83,12 @@ class ShapesDataModule(ImageDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         shuffle_seed: int = 0,
+        crop_pct: float = 1.0,  # eval crop of image folders; generated images are made at size, so it is unused
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, shuffle_seed)
+        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct)
+        _check("data.train_size", train_size, isinstance(train_size, int) and train_size >= batch_size,
+               f"at least one batch (data.batch_size={batch_size})")  # fmt: skip
+        _check("data.val_size", val_size, isinstance(val_size, int) and val_size >= 1, "a positive whole number")
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
 
     def split_sizes(self) -> tuple[int | None, int | None]:

@@ -98,8 +98,8 @@ class ImageFolderDataModule(ImageDataModule):
         num_workers: int = 8,
         shuffle_seed: int = 0,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, shuffle_seed)
-        self.root, self.num_classes, self.crop_pct = Path(root), num_classes, crop_pct
+        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct)
+        self.root, self.num_classes = Path(root), num_classes
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         sizes = [len(find_images(self.root / split)[0]) if (self.root / split).is_dir() else None for split in SPLITS]
