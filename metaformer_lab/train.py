@@ -65,12 +65,22 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     """Train the run `cfg` describes in `run_dir`; returns its final record (also on disk as result.json)."""
     run_dir = Path(run_dir)
     previous = read_record(run_dir) if (run_dir / RECORD_NAME).exists() else None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    changed = config_changes(previous.config, config) if previous is not None else []
     if previous is not None and previous.status in FINAL:
         log.info("%s: already %s (best val top-1 %s); skipping", run_dir, previous.status, previous.best_val_top1)
+        if changed:
+            log.warning("%s was run with other settings (%s); delete it to run again", run_dir, ", ".join(changed))
         return previous
+    if changed and previous.status in ("running", "interrupted") and cfg.resume is None:
+        raise ConfigError(
+            "resume", None,
+            f"{run_dir} holds an unfinished run with other settings ({', '.join(changed)}); delete it to start "
+            "over, or resume it anyway with resume=<its checkpoints/last.ckpt>",
+        )  # fmt: skip
 
     record = RunRecord(run_dir=str(run_dir), seed=cfg.seed, started_at=_now(), versions=_versions())
-    record.config = OmegaConf.to_container(cfg, resolve=True)
+    record.config = config
     record.git_commit = _git_commit()
     start = time.perf_counter()
     # until the Trainer knows the global rank: the environment's (other nodes' main processes have NODE_RANK)
@@ -171,6 +181,25 @@ def _build_trainer(
         settings = f"accelerator={t.accelerator} devices={t.devices} strategy={t.strategy} precision={t.precision}"
         raise ConfigError("trainer", settings, f"Lightning cannot set this up: {error}") from None
     return trainer, history, throughput, wandb
+
+
+# settings that do not change what a run computes (as the run directory's name leaves them out)
+_NOT_COMPARED = ("resume", "logger", "sweep_name", "trainer.devices", "trainer.num_nodes", "data.num_workers")
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ between two resolved configs, ignoring settings that change no result."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        name = prefix + key
+        if name in _NOT_COMPARED:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append(name)
+    return changes
 
 
 def _finish_wandb(logger: WandbLogger, record: RunRecord) -> None:

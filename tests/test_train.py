@@ -12,6 +12,7 @@ from conftest import QUICK, compose_config, run_cli
 from lightning.pytorch.loggers import WandbLogger
 
 from metaformer_lab.record import STATUSES, RunRecord, read_record
+from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import train
 
 
@@ -124,6 +125,18 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     straight, again = weights("straight"), weights("resumed")
     assert all(torch.equal(straight[k], again[k]) for k in straight)
     assert resumed.best_val_top1 == read_record(tmp_path / "straight").best_val_top1
+
+
+def test_rerun_with_other_settings_never_mixes_into_the_old_run(tmp_path, caplog):
+    cfg = compose_config(*QUICK)
+    with pytest.raises(SystemExit):
+        train(cfg, tmp_path / "a", callbacks=[_PreemptAfterFirstEpoch()])
+    with pytest.raises(ConfigError, match=r"resume=None: .*unfinished run with other settings \(optim.base_lr\)"):
+        train(compose_config(*QUICK, "optim.base_lr=1e-3"), tmp_path / "a")
+    assert read_record(tmp_path / "a").status == "interrupted"  # untouched
+    done = train(compose_config(*QUICK, "optim.epochs=1"), tmp_path / "b")
+    again = train(compose_config(*QUICK, "optim.epochs=1", "optim.min_lr=0"), tmp_path / "b")
+    assert again.finished_at == done.finished_at and "other settings (optim.min_lr)" in caplog.text
 
 
 def test_failed_run_records_the_error_and_reruns_from_scratch(tmp_path):
