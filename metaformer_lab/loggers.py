@@ -9,9 +9,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
-from metaformer_lab.record import RunRecord
-
-AXES = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "seed", "data", "experiment", "sweep")
+from metaformer_lab.record import AXES, RunRecord
 
 
 def wandb_mode(configured: str | None) -> str | None:

@@ -17,6 +17,13 @@ SCHEMA_VERSION = 1
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
+# what a configuration is, apart from its seed: the axes tables group by and wandb tags with
+CONFIG_AXES = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "data", "image_size", "experiment")
+AXES = (*CONFIG_AXES, "seed", "sweep")
+# config keys that change no result: the twin of conf/config.yaml's hydra.job.config.override_dirname.exclude_keys
+NON_RESULT_KEYS = (
+    "sweep", "sweep_name", "resume", "logger", "trainer.devices", "trainer.num_nodes", "data.num_workers",
+)  # fmt: skip
 
 
 @dataclass

@@ -31,7 +31,7 @@ from metaformer_lab.config import accumulation, build_datamodule, build_model, b
 from metaformer_lab.loggers import wandb_logger
 from metaformer_lab.models import measure_cost
 from metaformer_lab.module import DivergedError, ImageClassifier, OptimSettings
-from metaformer_lab.record import FINAL, RECORD_NAME, RunRecord, read_record, write_record
+from metaformer_lab.record import FINAL, NON_RESULT_KEYS, RECORD_NAME, RunRecord, read_record, write_record
 from metaformer_lab.registry import ConfigError
 
 log = logging.getLogger(__name__)
@@ -183,16 +183,12 @@ def _build_trainer(
     return trainer, history, throughput, wandb
 
 
-# settings that do not change what a run computes (as the run directory's name leaves them out)
-_NOT_COMPARED = ("resume", "logger", "sweep_name", "trainer.devices", "trainer.num_nodes", "data.num_workers")
-
-
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The keys whose values differ between two resolved configs, ignoring settings that change no result."""
     changes = []
     for key in sorted(set(old) | set(new)):
         name = prefix + key
-        if name in _NOT_COMPARED:
+        if name in NON_RESULT_KEYS:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -13,18 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from metaformer_lab.record import RECORD_NAME, RunRecord, read_record
+from metaformer_lab.record import AXES, CONFIG_AXES, NON_RESULT_KEYS, RECORD_NAME, RunRecord, read_record
 
-# what a configuration is, apart from its seed: the axes a table groups and labels by
-CONFIG_AXES = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "data", "image_size", "experiment")
-AXES = (*CONFIG_AXES, "seed", "sweep")
-# config keys that do not change what a run computes, left out of `config_key`: the keys Hydra leaves out of run
-# directory names (conf/config.yaml: hydra.job.config.override_dirname.exclude_keys), plus the seed (seeds of one
-# configuration are grouped) and data.root (the same dataset sits at a different path on each machine)
-RUN_SPECIFIC_KEYS = (
-    "seed", "sweep", "sweep_name", "resume", "logger", "trainer.devices", "trainer.num_nodes", "data.num_workers",
-    "data.root",
-)  # fmt: skip
+# config keys left out of `config_key`: those that change no result, plus the seed (seeds of one configuration are
+# grouped) and data.root (the same dataset sits at a different path on each machine)
+RUN_SPECIFIC_KEYS = ("seed", *NON_RESULT_KEYS, "data.root")
 # `config` (the whole resolved Hydra config) and `versions` are nested dicts: they would make runs.csv unreadable,
 # so they are left out; `config_key` stands for the config, and `collect_runs(..., config=True)` flattens it.
 _NESTED = ("config", "versions")

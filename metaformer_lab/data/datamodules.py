@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from metaformer_lab.data.shapes import CLASS_NAMES, generate_shapes
+from metaformer_lab.data.shapes import CLASS_NAMES, ShapesDataset
 from metaformer_lab.registry import ConfigError, Registry
 
 DATASETS: Registry[type[L.LightningDataModule]] = Registry("data")
@@ -96,5 +96,5 @@ class ShapesDataModule(ImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is None:
-            self.train = TensorDataset(*generate_shapes(self.train_size, self.image_size, self.seed))
-            self.val = TensorDataset(*generate_shapes(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET))
+            self.train = ShapesDataset(self.train_size, self.image_size, self.seed)
+            self.val = ShapesDataset(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET)
