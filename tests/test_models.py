@@ -43,11 +43,15 @@ def test_official_small_checkpoint_loads_strictly_and_reproduces_logits():
     torch.testing.assert_close(logits, torch.load(DATA / "small_output.pt", weights_only=True), atol=1e-5, rtol=1e-4)
 
 
-def test_seeded_build_reproduces_official_initial_weights_bit_for_bit():
+def test_seeded_build_reproduces_official_initial_weights_to_float_rounding():
+    # the same RNG draws as the official code; erfinv (trunc_normal_) rounds differently on different CPUs, by up to
+    # a few 1e-9 here, so the comparison allows float rounding and nothing more
     torch.manual_seed(0)
     ours = create_model("poolformer_s12", **SMALL).state_dict()
     official = torch.load(DATA / "small_state_dict.pt", weights_only=True)
-    assert all(torch.equal(ours[k], official[k]) for k in official)
+    assert ours.keys() == official.keys()
+    for key in official:
+        torch.testing.assert_close(ours[key], official[key], atol=1e-7, rtol=0, msg=key)
 
 
 def test_cost_of_poolformer_s12_matches_the_official_code_exactly():
@@ -115,8 +119,8 @@ def test_drop_path_drops_whole_samples_in_training_only():
 def test_pooling_mixer_is_avgpool_without_padding_minus_input():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     out = MIXERS.get("pooling")(3)(x)
-    assert out[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4 - 0  # corner: mean of the 4 valid pixels
-    assert out[0, 0, 1, 1] == x[0, 0, :3, :3].mean() - 5
+    assert out[0, 0, 0, 0].item() == pytest.approx((0 + 1 + 4 + 5) / 4 - 0)  # corner: mean of the 4 valid pixels
+    assert out[0, 0, 1, 1].item() == pytest.approx(x[0, 0, :3, :3].mean().item() - 5)
 
 
 def test_norm_semantics():
