@@ -12,6 +12,8 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from nbclient import NotebookClient
 
 from metaformer_lab.analysis import (
@@ -22,6 +24,7 @@ from metaformer_lab.analysis import (
     compare_to_paper,
     duplicate_runs,
     paper_table,
+    place_labels,
     plot_accuracy_vs_macs,
     plot_deltas,
     problem_runs,
@@ -31,6 +34,8 @@ from metaformer_lab.analysis import (
     to_markdown,
 )
 from metaformer_lab.analysis.__main__ import main
+from metaformer_lab.analysis.plots import label_extents
+from metaformer_lab.analysis.tables import PAPER_COLUMNS, here_columns
 from metaformer_lab.record import RunRecord, write_record
 
 ROOT = Path(__file__).parents[1]
@@ -39,26 +44,39 @@ NOTEBOOKS = [ROOT / "analysis" / "table5.ipynb", ROOT / "analysis" / "main_table
 # best val top-1 (fractions, as records store them) per experiment and seed
 TOP1 = {"t5_baseline": [0.70, 0.72, 0.74], "t5_identity": [0.65, 0.66], "t5_pool5": [0.71], "main_s12": [0.75],
         "main_s24": [0.78, 0.80]}  # fmt: skip
+MODEL = dict(zip(PAPER["experiment"], PAPER["model"], strict=True))  # each paper row's own model
+HERE = "shapes 32 px, 20k img, 3 ep"  # the protocol of fake_run's defaults, as a paper table names it
+TOP1_HERE, DELTA_HERE = here_columns(HERE)
+IMAGENET = dict(data="imagenet", image_size=224, train_images=1_281_167, schedule="300+10 ep", epochs=310)
 
 
 def fake_run(root: Path, experiment: str | None, seed: int, top1: float | None = None, status: str = "completed",
              error: str | None = None, sweep: str = "demo", epochs: int = 3, mixer: str = "pooling",
-             finished_at: str = "2025-01-01T00:00:00") -> Path:  # fmt: skip
-    """A run directory as training leaves it: named by its overrides, with a record and a resolved config."""
+             finished_at: str = "2025-01-01T00:00:00", *, model: str = "poolformer_s12", data: str = "shapes",
+             image_size: int = 32, train_images: int | None = 20_000, schedule: str | None = None,
+             norm: str = "modified_layernorm", params: int = 11_915_176, macs: int = 1_822_700_000,
+             lr: float | None = None) -> Path:  # fmt: skip
+    """A run directory as training leaves it: named by its overrides, with a record and a resolved config.
+
+    `schedule=None`: "<epochs> ep", as training records it; "" for a record older than the field."""
     config = {
         "seed": seed, "experiment": experiment, "sweep": sweep, "resume": None, "logger": {"wandb": False},
-        "model": {"name": "poolformer_s12"}, "mixer": {"name": mixer, "pool_size": 3},
-        "optim": {"epochs": epochs}, "data": {"name": "shapes", "image_size": 32, "num_workers": 0, "seed": 0},
+        "model": {"name": model}, "mixer": {"name": mixer, "pool_size": 3}, "norm": {"name": norm},
+        "optim": {"epochs": epochs, "lr": lr},
+        "data": {"name": data, "image_size": image_size, "train_size": train_images, "num_workers": 0, "seed": 0},
         "trainer": {"devices": 1, "precision": "32"},
     }  # fmt: skip
-    name = (f"+experiment={experiment}," if experiment else f"mixer={mixer},") + f"optim.epochs={epochs},seed={seed}"
-    run_dir = root / sweep / name
+    overrides = [f"+experiment={experiment}"] if experiment else [f"mixer={mixer}", f"norm={norm}"]
+    overrides += [f"model={model}"] * (model != "poolformer_s12") + [f"data={data}"] * (data != "shapes")
+    overrides += [f"optim.lr={lr}"] * (lr is not None) + [f"optim.epochs={epochs}", f"seed={seed}"]
+    run_dir = root / sweep / ",".join(overrides)
     write_record(run_dir, RunRecord(
-        status=status, error=error, run_dir=str(run_dir), model="poolformer_s12", mixer=mixer,
-        mixer_stages=[mixer] * 4, pool_size=3, norm="modified_layernorm", act="gelu", seed=seed, data="shapes",
-        image_size=32, experiment=experiment, sweep=sweep, params=11_915_176, frozen_params=0, macs=1_822_700_000,
+        status=status, error=error, run_dir=str(run_dir), model=model, mixer=mixer,
+        mixer_stages=[mixer] * 4, pool_size=3, norm=norm, act="gelu", seed=seed, data=data,
+        image_size=image_size, experiment=experiment, sweep=sweep, params=params, frozen_params=0, macs=macs,
         best_val_top1=top1, best_val_top5=None if top1 is None else top1 + 0.2, final_val_top1=top1, epochs=epochs,
-        steps=30 * epochs, finished_at=finished_at, config=config,
+        steps=30 * epochs, finished_at=finished_at, config=config, train_images=train_images,
+        schedule=f"{epochs} ep" if schedule is None else schedule,
     ))  # fmt: skip
     return run_dir
 
@@ -68,7 +86,7 @@ def runs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     for experiment, accuracies in TOP1.items():
         for seed, top1 in enumerate(accuracies):
-            fake_run(root, experiment, seed, top1)
+            fake_run(root, experiment, seed, top1, model=MODEL[experiment])
     fake_run(root, "t5_noresidual", 0, status="diverged", error="DivergedError: loss is nan at step 12")
     fake_run(root, "t5_relu", 0, status="failed", error="RuntimeError: CUDA out of memory")
     fake_run(root, "t5_relu", 1, status="running", finished_at=None)
@@ -147,6 +165,7 @@ def test_table5_without_runs_is_the_paper_with_dashes():
     paper = PAPER[PAPER["table"] == "table5"]
     assert len(table) == 18 and list(table["Variant"]) == list(paper["variant"])
     identity = table.set_index("Variant").loc["Pooling → Identity mapping"]
+    assert list(table.columns) == PAPER_COLUMNS  # no protocol to name
     assert identity["Top-1 paper (%)"] == "74.3" and identity["Top-1 here (%, mean ± std, n)"] == "—"
     assert identity["Δ vs baseline here"] == "—" and identity["Δ vs baseline in the paper"] == "-2.9"
     assert identity["Params (M)"] == "11.9 (paper)" and identity["MACs (G)"] == "1.8 (paper)"
@@ -155,34 +174,89 @@ def test_table5_without_runs_is_the_paper_with_dashes():
 
 def test_table5_with_runs_has_ours_and_both_deltas(runs):
     table = paper_table(runs, "table5").set_index("Variant")
-    assert table.loc["None (PoolFormer-S12)", "Top-1 here (%, mean ± std, n)"].endswith("(n=3)")
-    assert table.loc["Pooling → Identity mapping", "Top-1 here (%, mean ± std, n)"] == "65.5 ± 0.7 (n=2)"
-    assert table.loc["Pooling size 3 → 5", "Top-1 here (%, mean ± std, n)"] == "71.0 (n=1)"
+    assert table.loc["None (PoolFormer-S12)", TOP1_HERE].endswith("(n=3)")
+    assert table.loc["Pooling → Identity mapping", TOP1_HERE] == "65.5 ± 0.7 (n=2)"
+    assert table.loc["Pooling size 3 → 5", TOP1_HERE] == "71.0 (n=1)"
     assert table.loc["Pooling → Identity mapping", "Params (M)"] == "11.9"  # ours: no "(paper)"
     assert table.loc["Pooling → Identity mapping", "MACs (G)"] == "1.82"
-    assert table.loc["GELU → ReLU", "Top-1 here (%, mean ± std, n)"] == "— (1 failed, 1 running)"
-    assert table.loc["Residual connection → None", "Top-1 here (%, mean ± std, n)"] == "— (1 diverged)"
+    assert table.loc["GELU → ReLU", TOP1_HERE] == "— (1 failed, 1 running)"
+    assert table.loc["Residual connection → None", TOP1_HERE] == "— (1 diverged)"
     numbers = compare_to_paper(runs, "table5").set_index("experiment")
     baseline = (90 + 72 + 74) / 3
     assert numbers.loc["t5_identity", "delta_here"] == pytest.approx(65.5 - baseline)
     assert numbers.loc["t5_identity", "delta_paper"] == pytest.approx(74.3 - 77.2)
-    assert table.loc["Pooling → Identity mapping", "Δ vs baseline here"] == f"{65.5 - baseline:+.1f}"
+    assert table.loc["Pooling → Identity mapping", DELTA_HERE] == f"{65.5 - baseline:+.1f}"
 
 
 def test_main_table_deltas_are_vs_s12(runs):
     table = paper_table(runs, "main")
     assert list(table["Variant"]) == [f"PoolFormer-{m}" for m in ("S12", "S24", "S36", "M36", "M48")]
     s24 = table.set_index("Variant").loc["PoolFormer-S24"]
-    assert s24["Δ vs baseline here"] == "+4.0" and s24["Δ vs baseline in the paper"] == "+3.1"
-    assert table.loc[0, "Δ vs baseline here"] == "baseline"
+    assert s24[DELTA_HERE] == "+4.0" and s24["Δ vs baseline in the paper"] == "+3.1"  # each run on its row's model
+    assert table.loc[0, DELTA_HERE] == "baseline"
 
 
-def test_an_experiment_with_two_configurations_shows_the_longest_and_says_so(tmp_path):
-    fake_run(tmp_path, "t5_identity", 0, 0.30, epochs=3)
-    fake_run(tmp_path, "t5_identity", 0, 0.60, epochs=300)
+def test_an_experiment_with_two_configurations_in_one_protocol_shows_the_most_seeds_and_says_so(tmp_path):
+    fake_run(tmp_path, "t5_identity", 0, 0.30)
+    for seed in (0, 1):  # another learning rate: the same protocol, another configuration
+        fake_run(tmp_path, "t5_identity", seed, 0.60, lr=1e-3)
     table = paper_table(collect_runs(tmp_path))
-    assert table.loc[1, "Top-1 here (%, mean ± std, n)"] == "60.0 (n=1)"
+    assert table.loc[1, TOP1_HERE] == "60.0 ± 0.0 (n=2)"
     assert len(table.attrs["notes"]) == 1 and "2 configurations" in table.attrs["notes"][0]
+
+
+def test_protocol_labels_name_data_size_images_model_and_schedule(tmp_path):
+    fake_run(tmp_path, "t5_identity", 0, 0.5, model="small", schedule="12 ep x 10% batches")
+    fake_run(tmp_path, "t5_identity", 0, 0.5, **IMAGENET)
+    fake_run(tmp_path, "t5_pool5", 0, 0.5, epochs=7, schedule="", train_images=None)  # a record older than both
+    labels = set(collect_runs(tmp_path)["protocol"])
+    assert labels == {"shapes 32 px, 20k img, small, 12 ep x 10% batches",
+                      "imagenet 224 px, 1.28M img, poolformer_s12, 300+10 ep",
+                      "shapes 32 px, poolformer_s12, 7 ep"}  # fmt: skip
+
+
+def test_two_protocols_give_a_column_pair_each_named_and_with_its_own_baseline(tmp_path):
+    # Table 5 on ImageNet with S12, and `+sweep=table5_mixers model=small optim.epochs=1` on shapes
+    for seed, (base, identity) in enumerate([(0.770, 0.745), (0.774, 0.741), (0.772, 0.743)]):
+        fake_run(tmp_path, "t5_baseline", seed, base, sweep="imagenet", **IMAGENET)
+        fake_run(tmp_path, "t5_identity", seed, identity, sweep="imagenet", **IMAGENET)
+    fake_run(tmp_path, "t5_baseline", 0, 0.90, sweep="small", model="small", epochs=1)
+    fake_run(tmp_path, "t5_identity", 0, 0.80, sweep="small", model="small", epochs=1)
+    fake_run(tmp_path, "t5_relu", 0, sweep="small", model="small", epochs=1, status="failed", error="OOM")
+    table = paper_table(collect_runs(tmp_path)).set_index("Variant")
+    imagenet, small = "imagenet 224 px, 1.28M img, 300+10 ep", "shapes 32 px, 20k img, small, 1 ep"
+    assert list(table.columns) == [
+        "Ablation", "Params (M)", "MACs (G)", "Top-1 paper (%)", *here_columns(imagenet), *here_columns(small),
+        "Δ vs baseline in the paper",
+    ]  # most completed runs first; S12 is the rows' own model, so unnamed; "small" is named  # fmt: skip
+    assert here_columns(small)[0] == "Top-1 here: shapes 32 px, 20k img, small, 1 ep (%, mean ± std, n)"
+    identity = table.loc["Pooling → Identity mapping"]
+    assert identity[here_columns(imagenet)[0]] == "74.3 ± 0.2 (n=3)" and identity[here_columns(imagenet)[1]] == "-2.9"
+    assert identity[here_columns(small)[0]] == "80.0 (n=1)" and identity[here_columns(small)[1]] == "-10.0"
+    assert table.loc["GELU → ReLU", here_columns(small)[0]] == "— (1 failed)"
+    assert table.loc["GELU → ReLU", here_columns(imagenet)[0]] == "—"
+    assert any("2 protocols" in note for note in table.attrs["notes"])
+
+    numbers = table.attrs["comparison"]
+    assert numbers.attrs["protocols"] == [imagenet, small] and len(numbers) == 2 * 18
+    deltas = numbers[numbers["experiment"] == "t5_identity"].set_index("protocol")["delta_here"]
+    assert deltas[imagenet] == pytest.approx(74.3 - 77.2) and deltas[small] == pytest.approx(80.0 - 90.0)
+
+    markdown = to_markdown(table.reset_index()).splitlines()
+    assert len(markdown) == 2 + 18 and all(line.count("|") == 11 for line in markdown) and small in markdown[0]
+    latex = to_latex(table.reset_index())
+    assert latex.startswith(r"\begin{tabular}{llrrrrrrrr}") and r"Top-1 here: shapes 32 px" in latex
+    assert all(len(re.findall(r"(?<!\\)&", row)) == 9 for row in latex.splitlines() if row.endswith(r"\\"))
+    back = pd.read_csv(io.StringIO(to_csv(table.reset_index())), keep_default_na=False)
+    assert list(back.columns) == ["Variant", *table.columns]
+
+
+def test_the_main_table_names_the_model_only_where_it_is_not_the_rows_own(tmp_path):
+    for experiment in ("main_s12", "main_s24"):
+        fake_run(tmp_path, experiment, 0, 0.8, model=MODEL[experiment], sweep="paper")
+        fake_run(tmp_path, experiment, 0, 0.6, model="small", sweep="small")
+    columns = [c for c in paper_table(collect_runs(tmp_path), "main").columns if c.startswith("Top-1 here")]
+    assert columns == [here_columns(HERE)[0], here_columns("shapes 32 px, 20k img, small, 3 ep")[0]]
 
 
 def test_renderings_parse(runs):
@@ -212,6 +286,25 @@ def test_axis_table_for_any_sweep(tmp_path):
     assert list(table["mixer"]) == ["identity", "pooling"]
     assert list(table["Top-1 (%, mean ± std, n)"]) == ["40.0 ± 0.0 (n=2)", "55.0 ± 7.1 (n=2)"]
     assert to_latex(table).startswith(r"\begin{tabular}{lrrrr}")  # mixer, params, MACs, top-1, top-5
+    assert table.attrs["notes"] == ["protocol of all rows: shapes 32 px, 20k img, poolformer_s12, 3 ep"]
+
+
+def test_axis_table_with_two_protocols_has_a_protocol_column(tmp_path):
+    for mixer in ("pooling", "identity"):
+        fake_run(tmp_path, None, 0, 0.5, mixer=mixer, epochs=1)
+        for seed in (0, 1):
+            fake_run(tmp_path, None, seed, 0.6, mixer=mixer, epochs=12)
+    table = axis_table(collect_runs(tmp_path))
+    assert list(table.columns[:2]) == ["Protocol", "mixer"] and not table.attrs["notes"]
+    twelve, one = "shapes 32 px, 20k img, poolformer_s12, 12 ep", "shapes 32 px, 20k img, poolformer_s12, 1 ep"
+    assert list(table["Protocol"]) == [twelve, twelve, one, one]  # grouped, most completed runs first
+    assert list(table["mixer"]) == ["identity", "pooling", "identity", "pooling"]
+    markdown = to_markdown(table)
+    assert markdown.count(twelve) == 1 and markdown.count(one) == 1  # named once per group
+    assert to_latex(table).startswith(r"\begin{tabular}{llrrrr}") and to_latex(table).count(r"\midrule") == 2
+    # a shown axis is not repeated in the protocol
+    assert set(axis_table(collect_runs(tmp_path), ["model", "mixer"])["Protocol"]) == {
+        "shapes 32 px, 20k img, 12 ep", "shapes 32 px, 20k img, 1 ep"}  # fmt: skip
 
 
 def test_plots_save_png_and_pdf(runs, tmp_path):
@@ -220,6 +313,78 @@ def test_plots_save_png_and_pdf(runs, tmp_path):
                       ("empty_macs", plot_accuracy_vs_macs(collect_runs()))):  # fmt: skip
         png, pdf = save_figure(fig, tmp_path / "plots" / name)
         assert png.read_bytes()[:4] == b"\x89PNG" and pdf.read_bytes()[:4] == b"%PDF"
+
+
+def _assert_readable(fig) -> None:
+    """The point labels of `fig` overlap neither each other nor the axes' edges: all lie inside the axes."""
+    ax = fig.axes[0]
+    boxes = label_extents(ax)
+    assert boxes
+    overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[:i] if a.overlaps(b)]
+    assert not overlapping
+    for box in boxes:
+        assert ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+
+
+def _label_lines(fig) -> list[str]:
+    """The point labels of `fig`, one per point: points whose markers overlap share a label, a line each."""
+    return [line for text in fig.axes[0].texts for line in text.get_text().split("\n")]
+
+
+@pytest.fixture(scope="module")
+def two_protocols(tmp_path_factory) -> pd.DataFrame:
+    """Table 5 on ImageNet with S12 and on shapes with the small model, and a mixer x norm sweep without experiment."""
+    root = tmp_path_factory.mktemp("two_protocols")
+    table5 = PAPER[PAPER["table"] == "table5"]
+    for k, row in enumerate(table5.itertuples()):
+        cost = dict(params=int(row.params_verified_m * 1e6), macs=int(row.macs_fvcore_g * 1e9))
+        fake_run(root, row.experiment, 0, max(row.top1 - 0.3 * (k % 3), 0.1) / 100, sweep="imagenet", **cost,
+                 **IMAGENET)  # fmt: skip
+        small = dict(params=cost["params"] // 10, macs=cost["macs"] // 100)
+        fake_run(root, row.experiment, 0, 0.8 + (row.top1 - 77) / 400, sweep="small", model="small", **small)
+    for i, mixer in enumerate(("pooling", "identity", "attention")):
+        for j, norm in enumerate(("layernorm", "batchnorm")):
+            fake_run(root, None, 0, 0.7 + 0.03 * i - 0.02 * j, sweep="sweep", model="small", mixer=mixer, norm=norm,
+                     params=1_200_000, macs=18_000_000 + 3_000_000 * i)  # fmt: skip
+    return collect_runs(root)
+
+
+def test_accuracy_vs_macs_labels_the_varying_axes_readably(two_protocols):
+    fig = plot_accuracy_vs_macs(two_protocols)
+    texts = _label_lines(fig)
+    sweep = {f"{m}, {n}" for m in ("pooling", "identity", "attention") for n in ("layernorm", "batchnorm")}
+    assert sweep <= set(texts) and texts.count("identity") == 2  # t5_identity in each protocol
+    assert not [t for t in texts if "=" in t or "optim" in t]  # never the override string
+    assert len(texts) == 2 * 18 + 6
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    # most runs first: the sweep is on shapes
+    assert legend == ["shapes 32 px, 20k img, small, 3 ep", "imagenet 224 px, 1.28M img, poolformer_s12, 300+10 ep"]
+    _assert_readable(fig)
+
+
+def test_deltas_are_a_series_per_protocol_labelled_readably(two_protocols):
+    fig = plot_deltas(paper_table(two_protocols))
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[1:] == ["imagenet 224 px, 1.28M img, 300+10 ep", "shapes 32 px, 20k img, small, 3 ep"]
+    assert len(_label_lines(fig)) == 2 * 17  # every row but the baseline, per protocol
+    _assert_readable(fig)
+
+
+def test_points_whose_markers_overlap_share_a_label_top_to_bottom():
+    fig = Figure(figsize=(4, 3), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x, y = [1.0, 1.0, 1.0, 2.0], [50.0, 50.02, 49.98, 10.0]
+    ax.plot(x, y, "o")
+    place_labels(ax, x, y, ["middle", "top", "bottom", "alone"])
+    assert sorted(t.get_text() for t in ax.texts) == ["alone", "top\nmiddle\nbottom"]
+    _assert_readable(fig)
+
+
+def test_every_paper_row_names_its_experiments_model():
+    for row in PAPER.itertuples():
+        assert f"override /model: {row.model}" in (ROOT / "conf" / "experiment" / f"{row.experiment}.yaml").read_text()
 
 
 def test_cli_writes_the_table_and_its_files(runs_root, tmp_path, capsys):
@@ -267,7 +432,7 @@ def test_wandb_offline_fails_clearly_and_runs_read_into_the_schema(monkeypatch):
     row = df.iloc[0]
     assert (row["status"], row["mixer"], row["seed"], row["image_size"], row["macs"]) == (
         "completed", "identity", 1, 32, 7)  # fmt: skip
-    assert paper_table(df).loc[1, "Top-1 here (%, mean ± std, n)"] == "50.0 (n=1)"
+    assert paper_table(df).loc[1, "Top-1 here: 32 px, small (%, mean ± std, n)"] == "50.0 (n=1)"
 
 
 def test_analysis_imports_no_training_code():

@@ -12,11 +12,13 @@ from metaformer_lab.analysis.collect import (
     config_key,
     duplicate_runs,
     problem_runs,
+    protocol_label,
 )
-from metaformer_lab.analysis.plots import plot_accuracy_vs_macs, plot_deltas, save_figure
+from metaformer_lab.analysis.plots import place_labels, plot_accuracy_vs_macs, plot_deltas, save_figure
 from metaformer_lab.analysis.tables import (
     axis_table,
     compare_to_paper,
+    here_columns,
     paper_results,
     paper_table,
     to_csv,
@@ -35,11 +37,14 @@ __all__ = [
     "compare_to_paper",
     "config_key",
     "duplicate_runs",
+    "here_columns",
     "paper_results",
     "paper_table",
+    "place_labels",
     "plot_accuracy_vs_macs",
     "plot_deltas",
     "problem_runs",
+    "protocol_label",
     "save_figure",
     "to_csv",
     "to_latex",

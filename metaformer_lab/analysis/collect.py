@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,19 @@ RUN_SPECIFIC_KEYS = ("seed", *NON_RESULT_KEYS, "data.root")
 # so they are left out; `config_key` stands for the config, and `collect_runs(..., config=True)` flattens it.
 _NESTED = ("config", "versions")
 _PER_STAGE = {"pool_size": "Int64", "residual": "boolean", "mlp": "boolean"}
-_INTS = ("seed", "image_size", "params", "frozen_params", "macs", "epochs", "steps", "global_batch")
+_INTS = ("seed", "image_size", "train_images", "params", "frozen_params", "macs", "epochs", "steps", "global_batch",
+         "world_size")  # fmt: skip
 _FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "lr", "wall_time_s")
 COLUMNS = (
-    "status", "error", *AXES, "mixer_stages", "params", "frozen_params", "macs",
+    "status", "error", *AXES, "mixer_stages", "schedule", "train_images", "protocol", "params", "frozen_params", "macs",
     "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs", "steps", "global_batch", "lr",
-    "wall_time_s", "train_throughput_img_s", "started_at", "finished_at", "git_commit", "wandb_id", "schema_version",
-    "name", "run_dir", "config_key", "duplicate",
+    "wall_time_s", "train_throughput_img_s", "accelerator", "device_name", "precision", "world_size", "started_at",
+    "finished_at", "git_commit", "wandb_id", "schema_version", "name", "run_dir", "config_key", "duplicate",
 )  # fmt: skip
+
+# a run's protocol: what its accuracy depends on besides the ablation axes. Runs of two protocols are never compared
+# in one column: a paper table has a "here" column per protocol, and its header names it.
+PROTOCOL_PARTS = ("data", "image_size", "train_images", "model", "schedule")
 
 
 def config_key(config: dict[str, Any], axes: dict[str, Any] | None = None) -> str:
@@ -74,6 +80,34 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _known(value: Any) -> bool:
+    return value != "" if isinstance(value, str) else value is not None and not pd.isna(value)
+
+
+def _count(n: int) -> str:
+    """20000 -> 20k, 1281167 -> 1.28M: three significant digits."""
+    rounded = float(f"{n:.3g}")
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if rounded >= scale:
+            return f"{rounded / scale:g}{suffix}"
+    return f"{rounded:g}"
+
+
+def protocol_label(run: Mapping[str, Any], omit: Collection[str] = ()) -> str:
+    """A run's protocol (PROTOCOL_PARTS) as a label: "shapes 32 px, 20k img, small, 12 ep".
+
+    Unknown parts, and those in `omit` (e.g. the model where a table row names it already), are left out.
+    """
+    text = {key: str(run.get(key)) for key in PROTOCOL_PARTS if key not in omit and _known(run.get(key))}
+    if "image_size" in text:
+        text["image_size"] = f"{int(run['image_size'])} px"
+    if "train_images" in text:
+        text["train_images"] = f"{_count(int(run['train_images']))} img"
+    items = [" ".join(text[key] for key in ("data", "image_size") if key in text)]  # "shapes 32 px"
+    items += [text[key] for key in ("train_images", "model", "schedule") if key in text]
+    return ", ".join(item for item in items if item) or "protocol unknown"
+
+
 def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The rows as a DataFrame with every column of COLUMNS (also when empty), typed, duplicates flagged."""
     extra = sorted({key for row in rows for key in row} - set(COLUMNS))
@@ -92,6 +126,12 @@ def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     # every copy is flagged, and aggregate_seeds counts the seed once
     readable = df["config_key"].notna() & df["seed"].notna()
     df["duplicate"] = readable & df.duplicated(["config_key", "seed"], keep=False)
+    # records older than the `schedule` field: the epochs they completed stand for it
+    unplanned = ~df["schedule"].map(_known) & df["epochs"].fillna(0).gt(0)
+    df.loc[unplanned, "schedule"] = [f"{epochs} ep" for epochs in df.loc[unplanned, "epochs"]]
+    df["protocol"] = [
+        None if run["status"] == "unreadable" else protocol_label(run) for run in df.to_dict("records")
+    ]  # fmt: skip
     return df
 
 
@@ -119,8 +159,8 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     """Completed runs grouped by configuration (`config_key`): mean, std (over seeds) and n of best val top-1/top-5.
 
     Accuracies are in percent here (records store fractions). A seed recorded twice counts once: the copy that
-    finished last. Columns: config_key, the axes but seed, name, seeds, n, top1/top5 mean and std, params,
-    frozen_params, macs, epochs.
+    finished last. Columns: config_key, the axes but seed, schedule, train_images, protocol, name, seeds, n,
+    top1/top5 mean and std, params, frozen_params, macs, epochs.
     """
     done = df[(df["status"] == "completed") & df["best_val_top1"].notna()]
     done = done.sort_values("finished_at", na_position="first", kind="stable")
@@ -131,14 +171,16 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
         top1, top5 = runs["best_val_top1"] * 100, runs["best_val_top5"] * 100
         rows.append({
             "config_key": key, **{axis: first[axis] for axis in CONFIG_AXES},
+            "schedule": first["schedule"], "train_images": first["train_images"], "protocol": first["protocol"],
             "name": _without_seed(first["name"]), "seeds": ",".join(str(s) for s in sorted(runs["seed"])),
             "n": len(runs), "top1_mean_pct": top1.mean(), "top1_std_pct": top1.std(),  # std: ddof=1, NaN for n=1
             "top5_mean_pct": top5.mean(), "top5_std_pct": top5.std(),
             "params": first["params"], "frozen_params": first["frozen_params"], "macs": first["macs"],
             "epochs": runs["epochs"].max(),
         })  # fmt: skip
-    columns = ["config_key", *CONFIG_AXES, "name", "seeds", "n", "top1_mean_pct", "top1_std_pct", "top5_mean_pct",
-               "top5_std_pct", "params", "frozen_params", "macs", "epochs"]  # fmt: skip
+    columns = ["config_key", *CONFIG_AXES, "schedule", "train_images", "protocol", "name", "seeds", "n",
+               "top1_mean_pct", "top1_std_pct", "top5_mean_pct", "top5_std_pct", "params", "frozen_params", "macs",
+               "epochs"]  # fmt: skip
     agg = pd.DataFrame(rows, columns=columns)
     return agg.sort_values(["experiment", *CONFIG_AXES[:-1]], na_position="last", kind="stable", ignore_index=True)
 

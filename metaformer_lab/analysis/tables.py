@@ -15,10 +15,11 @@ from importlib import resources
 
 import pandas as pd
 
-from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds
+from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds, protocol_label
 
 TABLES = ("table5", "main")
 DASH = "—"  # no result here (yet)
+# the columns without runs; with runs, the two "here" columns are repeated per protocol, named by `here_columns`
 PAPER_COLUMNS = ["Ablation", "Variant", "Params (M)", "MACs (G)", "Top-1 paper (%)",
                  "Top-1 here (%, mean ± std, n)", "Δ vs baseline here", "Δ vs baseline in the paper"]  # fmt: skip
 
@@ -38,27 +39,60 @@ def paper_results(table: str = "table5") -> pd.DataFrame:
 
 
 def compare_to_paper(df: pd.DataFrame, table: str = "table5") -> pd.DataFrame:
-    """Our runs (from `collect_runs`) against the paper, in numbers: one row per paper row, in the paper's order.
+    """Our runs (from `collect_runs`) against the paper, in numbers: the paper's rows in its order, once per protocol.
 
-    Runs are matched to a row by their `experiment`. Baseline: the row whose ablation is "Baseline" (Table 5), else
-    the first row (the main table: PoolFormer-S12). Params and MACs are ours where the row has runs, else the
-    paper's (`cost_from` says which). Should one experiment have runs of several configurations (e.g. a short and a
-    full schedule), the one trained for most epochs, then with most seeds, is shown and the choice is noted in
+    Runs are matched to a row by their `experiment`, and grouped by protocol (`protocol`): data, image size,
+    training-set size and schedule, plus the model where it is not the row's own (`paper_results`' `model`), so that
+    a full ImageNet sweep reads "imagenet 224 px, 1.28M img, 300+10 ep" and a `model=small` one names "small". Each
+    protocol is a block of rows, most completed runs first (`attrs["protocols"]`); without runs, one block with
+    protocol None. Baseline: the row whose ablation is "Baseline" (Table 5), else the first row (the main table:
+    PoolFormer-S12), of the same protocol. Params and MACs are ours where the row has runs, else the paper's
+    (`cost_from` says which). Should one experiment have runs of several configurations within a protocol (e.g.
+    another learning rate), the one trained for most epochs, then with most seeds, is shown and the choice is noted in
     `attrs["notes"]`; filter `df` first to choose another.
     """
     paper = paper_results(table)
-    agg = aggregate_seeds(df)
+    model_of = dict(zip(paper["experiment"], paper["model"], strict=True))
+    runs = df[df["experiment"].isin(model_of)]
+    runs = runs.assign(here=_paper_protocols(runs, model_of))
+    agg = aggregate_seeds(runs)
+    agg["here"] = _paper_protocols(agg, model_of)
+    completed, total = agg.groupby("here")["n"].sum(), runs["here"].value_counts()
+    protocols = sorted(total.index, key=lambda label: (-completed.get(label, 0), -total[label], label))
     notes: list[str] = []
+    if len(protocols) > 1:
+        counts = ", ".join(f"{label!r} ({completed.get(label, 0)} completed)" for label in protocols)
+        notes.append(f"runs of {len(protocols)} protocols, each compared with the paper on its own: {counts}")
+    blocks = [_compare_block(paper, agg[agg["here"] == label], runs[runs["here"] == label], label, notes)
+              for label in protocols or [None]]  # fmt: skip
+    out = pd.concat(blocks, ignore_index=True)
+    out.attrs.update(table=table, notes=notes, protocols=protocols)
+    return out
+
+
+def _paper_protocols(frame: pd.DataFrame, model_of: dict[str, str]) -> list[str]:
+    """Each run's protocol as a paper table names it: without the model where it is the paper row's own."""
+    return [
+        protocol_label(run, omit=("model",) if run["model"] == model_of[run["experiment"]] else ())
+        for run in frame.to_dict("records")
+    ]
+
+
+def _compare_block(paper: pd.DataFrame, agg: pd.DataFrame, runs: pd.DataFrame, protocol: str | None,
+                   notes: list[str]) -> pd.DataFrame:  # fmt: skip
+    """`compare_to_paper` for the runs of one protocol (`agg` aggregated, `runs` all of them)."""
     rows = []
     for _, ref in paper.iterrows():
-        runs = agg[agg["experiment"] == ref["experiment"]].sort_values(["epochs", "n"], ascending=False)
-        ours = runs.iloc[0] if len(runs) else None
-        if len(runs) > 1:
-            notes.append(f"{ref['experiment']}: {len(runs)} configurations have completed runs; showing "
-                         f"{ours['name']!r} (config_key {ours['config_key']}, {ours['epochs']} epochs)")  # fmt: skip
+        candidates = agg[agg["experiment"] == ref["experiment"]].sort_values(["epochs", "n"], ascending=False)
+        ours = candidates.iloc[0] if len(candidates) else None
+        if len(candidates) > 1:
+            notes.append(f"{ref['experiment']} [{protocol}]: {len(candidates)} configurations have completed "
+                         f"runs; showing {ours['name']!r} (config_key {ours['config_key']}, {ours['epochs']} "
+                         "epochs)")  # fmt: skip
         have_cost = ours is not None and not pd.isna(ours["params"])
         rows.append({
             "ablation": ref["ablation"], "variant": ref["variant"], "experiment": ref["experiment"],
+            "protocol": protocol,
             "params_m": ours["params"] / 1e6 if have_cost else ref["params_m"],
             "macs_g": ours["macs"] / 1e9 if have_cost else ref["macs_g"],
             "cost_from": "here" if have_cost else "paper",
@@ -66,7 +100,7 @@ def compare_to_paper(df: pd.DataFrame, table: str = "table5") -> pd.DataFrame:
             "top1_here": ours["top1_mean_pct"] if ours is not None else math.nan,
             "top1_here_std": ours["top1_std_pct"] if ours is not None else math.nan,
             "n": int(ours["n"]) if ours is not None else 0,
-            "problems": _problems(df, ref["experiment"]),
+            "problems": _problems(runs, ref["experiment"]),
             "config_key": ours["config_key"] if ours is not None else None,
         })  # fmt: skip
     out = pd.DataFrame(rows)
@@ -75,8 +109,22 @@ def compare_to_paper(df: pd.DataFrame, table: str = "table5") -> pd.DataFrame:
     out["baseline"] = out.index == base
     out["delta_here"] = out["top1_here"] - out.loc[base, "top1_here"]
     out["delta_paper"] = out["top1_paper"] - out.loc[base, "top1_paper"]
-    out.attrs["table"], out.attrs["notes"] = table, notes
     return out
+
+
+def protocol_blocks(comparison: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """`compare_to_paper`'s rows split by protocol, in its order: [(protocol, rows in the paper's order), ...]."""
+    return [
+        (label, comparison[comparison["protocol"].isna() if label is None else comparison["protocol"].eq(label)])
+        for label in dict.fromkeys(comparison["protocol"])
+    ]
+
+
+def here_columns(protocol: str | None) -> tuple[str, str]:
+    """The headers of a protocol's "here" columns (top-1, Δ): "Top-1 here: shapes 32 px, small, 1 ep (%, ...)"."""
+    if protocol is None:  # no runs
+        return PAPER_COLUMNS[5], PAPER_COLUMNS[6]
+    return f"Top-1 here: {protocol} (%, mean ± std, n)", f"Δ vs baseline here: {protocol}"
 
 
 def _problems(df: pd.DataFrame, experiment: str) -> str:
@@ -104,6 +152,10 @@ def _delta(x: float, digits: int) -> str:
     return text[1:] if float(text) == 0 else text  # 0.0, not +0.0 or -0.0
 
 
+def _deltas(block: pd.DataFrame, column: str, digits: int) -> list[str]:
+    return ["baseline" if base else _delta(x, digits) for base, x in zip(block["baseline"], block[column], strict=True)]
+
+
 def _mean_std(mean: float, std: float, n: int, problems: str = "", digits: int = 1) -> str:
     if n == 0:
         return f"{DASH} ({problems})" if problems else DASH
@@ -112,43 +164,64 @@ def _mean_std(mean: float, std: float, n: int, problems: str = "", digits: int =
 
 
 def paper_table(df: pd.DataFrame, table: str = "table5", digits: int = 1) -> pd.DataFrame:
-    """The paper's table in its layout with our runs beside it, as strings (PAPER_COLUMNS), one row per paper row.
+    """The paper's table in its layout with our runs beside it, as strings, one row per paper row.
 
-    Rows without runs show the paper's values and a dash in the "here" columns. Our Params/MACs replace the paper's
-    where runs exist; a value followed by "(paper)" is the paper's. The numbers are in `attrs["comparison"]`.
+    The columns are PAPER_COLUMNS, with the two "here" columns once per protocol of the runs (`here_columns`: their
+    headers name the protocol), most completed runs first. Rows without runs show the paper's values and a dash in
+    the "here" columns. Our Params/MACs (of the first protocol) replace the paper's where runs exist; a value followed
+    by "(paper)" is the paper's. The numbers are in `attrs["comparison"]`.
     """
     comparison = compare_to_paper(df, table)
-    rows = []
-    for _, row in comparison.iterrows():
-        if row["cost_from"] == "here":
-            params, macs = _num(row["params_m"]), _num(row["macs_g"])
-        else:
-            params, macs = (_paper_num(row[key]) + " (paper)" for key in ("params_m", "macs_g"))
-        rows.append([
-            row["ablation"], row["variant"], params, macs,
-            f"{row['top1_paper']:.1f}",
-            _mean_std(row["top1_here"], row["top1_here_std"], row["n"], row["problems"], digits),
-            "baseline" if row["baseline"] else _delta(row["delta_here"], digits),
-            "baseline" if row["baseline"] else _delta(row["delta_paper"], 1),
-        ])  # fmt: skip
-    out = pd.DataFrame(rows, columns=PAPER_COLUMNS)
-    out.attrs.update(comparison=comparison, notes=comparison.attrs["notes"], table=table)
+    blocks = protocol_blocks(comparison)
+    first = blocks[0][1]
+    cost = [
+        (_num(row["params_m"]), _num(row["macs_g"])) if row["cost_from"] == "here"
+        else (_paper_num(row["params_m"]) + " (paper)", _paper_num(row["macs_g"]) + " (paper)")
+        for _, row in first.iterrows()
+    ]  # fmt: skip
+    out = pd.DataFrame({
+        "Ablation": first["ablation"].to_numpy(), "Variant": first["variant"].to_numpy(),
+        "Params (M)": [params for params, _ in cost], "MACs (G)": [macs for _, macs in cost],
+        "Top-1 paper (%)": [f"{top1:.1f}" for top1 in first["top1_paper"]],
+    })  # fmt: skip
+    for protocol, block in blocks:
+        top1, delta = here_columns(protocol)
+        out[top1] = [
+            _mean_std(row["top1_here"], row["top1_here_std"], row["n"], row["problems"], digits)
+            for _, row in block.iterrows()
+        ]
+        out[delta] = _deltas(block, "delta_here", digits)
+    out[PAPER_COLUMNS[-1]] = _deltas(first, "delta_paper", 1)
+    notes = list(comparison.attrs["notes"])
+    if len(blocks) > 1:
+        notes.append(f"Params and MACs: those of the runs of {blocks[0][0]!r} where it has some, else the paper's")
+    out.attrs.update(comparison=comparison, notes=notes, table=table)
     return out
 
 
 def axis_table(df: pd.DataFrame, axis: str | list[str] | None = None, digits: int = 1) -> pd.DataFrame:
     """Any sweep, paper experiment or not: one row per configuration with top-1 and top-5 as mean ± std (n).
 
-    `axis`: the axis (or axes) to show; by default every axis that varies among the completed runs. A "Config"
-    column (the run directory name without its seed) is added when the shown axes do not tell the rows apart.
+    `axis`: the axis (or axes) to show; by default every axis that varies among the completed runs. The protocol
+    (`protocol_label`, less the axes shown) is a "Protocol" column, rows grouped by it with most completed runs
+    first, where the runs have several; with one, `attrs["notes"]` names it. A "Config" column (the run directory
+    name without its seed) is added when the shown columns do not tell the rows apart.
     """
     agg = aggregate_seeds(df)
     if axis is None:
         axes = [a for a in CONFIG_AXES if agg[a].nunique(dropna=False) > 1] or ["model", "mixer"]
     else:
         axes = [axis] if isinstance(axis, str) else list(axis)
-    agg = agg.sort_values(axes, na_position="last", kind="stable", ignore_index=True)
+    agg["Protocol"] = [protocol_label(run, omit=axes) for run in agg.to_dict("records")]
+    agg["_completed"] = agg.groupby("Protocol")["n"].transform("sum")
+    agg = agg.sort_values(["_completed", "Protocol", *axes], ascending=[False] + [True] * (1 + len(axes)),
+                          na_position="last", kind="stable", ignore_index=True)  # fmt: skip
     out = pd.DataFrame({a: agg[a].astype(object).where(agg[a].notna(), DASH).astype(str) for a in axes})
+    notes = []
+    if agg["Protocol"].nunique() > 1:
+        out.insert(0, "Protocol", agg["Protocol"])
+    elif len(agg):
+        notes.append(f"protocol of all rows: {agg['Protocol'].iloc[0]}")
     if out.duplicated().any():
         out["Config"] = agg["name"]
     out["Params (M)"] = [_num(p / 1e6) for p in pd.to_numeric(agg["params"], errors="coerce").astype("float64")]
@@ -158,16 +231,24 @@ def axis_table(df: pd.DataFrame, axis: str | list[str] | None = None, digits: in
             _mean_std(mean, std, n, digits=digits)
             for mean, std, n in zip(agg[f"{k}_mean_pct"], agg[f"{k}_std_pct"], agg["n"], strict=True)
         ]
-    out.attrs.update(notes=[], table="axes")
+    out.attrs.update(notes=notes, table="axes")
     return out
 
 
+_GROUPS = ("Ablation", "Protocol")  # columns whose rows come in groups: named once, a rule between groups
+
+
+def _group_column(table: pd.DataFrame) -> str | None:
+    return next((c for c in _GROUPS if c in table.columns), None)
+
+
 def _blank_repeats(table: pd.DataFrame) -> pd.DataFrame:
-    """The paper names each ablation once, on the first row of its group."""
-    if "Ablation" not in table.columns:
+    """The paper names each ablation once, on the first row of its group (and so does a protocol)."""
+    group = _group_column(table)
+    if group is None:
         return table
     out = table.copy()
-    out.loc[out["Ablation"].eq(out["Ablation"].shift()), "Ablation"] = ""
+    out.loc[out[group].eq(out[group].shift()), group] = ""
     return out
 
 
@@ -194,15 +275,16 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs tabular (needs \\usepackage{booktabs}); a rule between the paper's ablation groups."""
-    text_columns = {"Ablation", "Variant", "Config"}
+    """A booktabs tabular (needs \\usepackage{booktabs}); a rule between ablation (or protocol) groups."""
+    text_columns = {"Ablation", "Variant", "Config", "Protocol"}  # the rest is numbers, and axes (lower case)
     spec = "".join("l" if c in text_columns or c.islower() else "r" for c in table.columns)
     lines = [r"\begin{tabular}{" + spec + "}", r"\toprule"]
     lines.append(" & ".join(latex_escape(c) for c in table.columns) + r" \\")
     lines.append(r"\midrule")
     shown = _blank_repeats(table)
+    group = _group_column(table)
     for i, row in enumerate(shown.itertuples(index=False)):
-        if i and "Ablation" in table.columns and row[0]:
+        if i and group is not None and row[table.columns.get_loc(group)]:
             lines.append(r"\midrule")
         lines.append(" & ".join(latex_escape(cell) for cell in row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]

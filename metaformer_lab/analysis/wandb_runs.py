@@ -49,6 +49,9 @@ def _row(run: Any) -> dict[str, Any]:
         status=status if status in STATUSES else "failed",
         error=None if status in STATUSES else f"wandb state {run.state!r}",
         **axes,
+        # the protocol, where training logged it (else the label has no schedule and training-set size)
+        schedule=summary.get("schedule", config.get("schedule")) or "",
+        train_images=summary.get("train_images", config.get("train_images")),
         params=summary.get("params", config.get("params")),
         macs=summary.get("macs", config.get("macs")),
         best_val_top1=summary.get("best_val_top1"),
