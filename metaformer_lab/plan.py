@@ -2,47 +2,83 @@
 
     python -m metaformer_lab.plan +sweep=table5_mixers seed=0,1,2 data=shapes optim.epochs=30
 
-Takes the same overrides as `python run.py -m`, expands the sweep as Hydra's basic sweeper does, looks for each
-run's directory (completed runs cost nothing, interrupted ones only their remaining epochs), and times a few
-training steps of each distinct model on this machine's device.
+Takes the same overrides as `python run.py -m`, expands the sweep as Hydra's basic sweeper does, checks every
+run's config (an error stops the plan before anything is measured), looks for each run's directory (completed runs
+cost nothing, interrupted ones only their remaining epochs), counts the epochs and optimizer steps each run will
+take as Lightning does (cooldown, max_steps, limit_*_batches, fast_dev_run, accumulation, devices x nodes), and
+times a few training steps of each distinct model on this machine's device. Rows print as they are measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaformer_lab.config import (
+    accumulation,
     build_datamodule,
     build_model,
     build_optim,
     device_count,
     model_arguments,
+    per_stage_groups,
     register_resolvers,
     run_name,
+    schedule_label,
+    trainer_arguments,
 )  # fmt: skip
+from metaformer_lab.module import OptimSettings
 from metaformer_lab.profile import measure_throughput
 from metaformer_lab.record import FINAL, RECORD_NAME, read_record
 from metaformer_lab.registry import ConfigError
+from metaformer_lab.train import config_changes
 
 CONF = Path(__file__).parents[1] / "conf"
+MEASURE_BATCH = 32  # enough to be representative, small enough to be quick
 
 
 @dataclass
 class PlannedRun:
     run_dir: str
-    state: str  # new, resume, rerun (after a failure) or done
-    epochs_left: int
-    images_per_s: float | None
+    state: str  # new, resume, rerun (starts over: failed, or stopped before its first checkpoint) or done
+    schedule: str  # as the record names it: "300+10 ep", "12 ep, max 20 steps", "fast_dev_run"
+    epochs_left: float  # epochs the loop runs from where it starts (a fraction where max_steps stops mid-epoch)
+    steps_left: int | None  # optimizer steps from there; None where the training-set size is unknown
+    images_per_s: float | None  # training throughput measured here
     seconds: float | None
+    why_unknown: str | None = None  # why `seconds` is None
+
+
+@dataclass(frozen=True)
+class Work:
+    """What each device of a run computes from where it starts: the time estimate multiplies it by throughput."""
+
+    epochs: float
+    steps: int
+    train_images: int
+    val_images: int  # over all validation passes
+
+
+@dataclass
+class CheckedJob:
+    """A job whose config passed every check the run makes before training; only its time is left to measure."""
+
+    cfg: DictConfig | None  # None for a done run (nothing to build)
+    run: PlannedRun
+    work: Work | None  # None where the image counts are unknown (run.why_unknown says why)
+    model_key: str | None  # jobs with the same model and input size are timed once
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -55,7 +91,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def compose_job(job: list[str]) -> tuple[DictConfig, str, DictConfig | None]:
-    """A job's config (as `run.py` receives it), the run directory `run.py -m` gives it, and the sweep's params."""
+    """A job's config (as `run.py` trains it), the run directory `run.py -m` gives it, and the sweep's params."""
     register_resolvers()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=job, return_hydra_config=True)
@@ -63,70 +99,206 @@ def compose_job(job: list[str]) -> tuple[DictConfig, str, DictConfig | None]:
     with open_dict(cfg):
         params = cfg.hydra.sweeper.params
         del cfg["hydra"]
-    return cfg, run_dir, params
+    return per_stage_groups(cfg, job), run_dir, params
+
+
+def _limited(batches: int, limit: int | float | None) -> int:
+    """Batches Lightning runs of a loader of `batches` under `limit_*_batches`: a fraction, a count or None (all)."""
+    if limit is None:
+        return batches
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+def count_work(
+    trainer: Mapping[str, Any], optim: OptimSettings, batch_size: int, world: int,
+    sizes: tuple[int | None, int | None], done_epochs: int = 0,
+) -> Work | None:  # fmt: skip
+    """What each of `world` devices runs from epoch `done_epochs` on, counted as Lightning does; None without the
+    (train, val) image counts. `trainer`: trainer_arguments(), with accumulate_grad_batches."""
+    accumulate = trainer["accumulate_grad_batches"]
+    fast = int(trainer.get("fast_dev_run") or 0)  # True is 1
+    if fast:  # N training and N validation batches in one epoch, whatever the schedule and the data
+        return Work(1, math.ceil(fast / accumulate), fast * batch_size, fast * batch_size)
+    train, val = sizes
+    if train is None or val is None:
+        return None
+    # each device gets floor(train / world) images (sampler), in whole batches (drop_last)
+    per_epoch = _limited(train // world // batch_size, trainer.get("limit_train_batches"))
+    steps_per_epoch = math.ceil(per_epoch / accumulate)  # an epoch's last micro-batches still make a step
+    if not steps_per_epoch:
+        return Work(optim.total_epochs - done_epochs, 0, 0, 0)
+    end = optim.total_epochs * steps_per_epoch
+    if trainer.get("max_steps", -1) not in (-1, None):
+        end = min(end, trainer["max_steps"])
+    steps = max(0, end - done_epochs * steps_per_epoch)  # a resumed run restarts at its last finished epoch
+    full, rest = divmod(steps, steps_per_epoch)
+    partial = min(rest * accumulate, per_epoch)  # batches of the epoch max_steps stops in
+    batches = full * per_epoch + partial
+    # validation: after every check_val_every_n_epoch-th epoch, or every val_check_interval training batches
+    interval, every = trainer.get("val_check_interval"), trainer.get("check_val_every_n_epoch", 1)
+    if isinstance(interval, float):
+        check = max(1, int(per_epoch * interval))
+    else:
+        check = interval if isinstance(interval, int) and interval > 0 else per_epoch
+    if every is None:
+        passes = batches // check
+    else:
+        finished = range(done_epochs + 1, done_epochs + full + 1)  # 1-based, as Lightning tests (epoch + 1) % every
+        passes = sum(epoch % every == 0 for epoch in finished) * (per_epoch // check)
+        if partial and (done_epochs + full + 1) % every == 0:
+            passes += partial // check
+    per_device = math.ceil(val / world)  # not dropped: the sampler pads the last one
+    val_batches = _limited(math.ceil(per_device / batch_size), trainer.get("limit_val_batches"))
+    val_images = min(val_batches * batch_size, per_device) * passes
+    return Work(full + rest / steps_per_epoch, steps, batches * batch_size, val_images)
+
+
+def _image_counts(cfg: DictConfig, datamodule: Any, missing: list[str]) -> tuple[int | None, int | None, str | None]:
+    """(train, val) image counts, or the reason they are unknown."""
+    if missing:
+        return None, None, f"{', '.join(missing)} not set: no image count"
+    train, val = datamodule.split_sizes()
+    if train and val:
+        return train, val, None
+    root = cfg.data.get("root")
+    if root is None:
+        return train, val, f"data={cfg.data.name} does not count its images"
+    split = Path(root) / ("val" if train else "train")
+    return train, val, f"no images found under {split}" if split.is_dir() else f"no {split.name}/ folder in {root}"
+
+
+def check_jobs(overrides: list[str]) -> list[CheckedJob]:
+    """Every job of the sweep, composed and checked as `run.py -m` would before training, with the work it has
+    left. Raises the first ConfigError (or Hydra's error) before anything is measured."""
+    sizes: dict[str, tuple[int | None, int | None, str | None]] = {}  # distinct data settings -> image counts
+    checked = []
+    for job in expand_sweep(overrides):
+        cfg, run_dir, _ = compose_job(job)
+        previous = read_record(run_dir) if (Path(run_dir) / RECORD_NAME).exists() else None
+        if previous is not None and previous.status in FINAL:  # skipped by the run, before any check
+            done = PlannedRun(run_dir, "done", previous.schedule, 0, 0, None, 0.0)
+            checked.append(CheckedJob(None, done, None, None))
+            continue
+        unfinished = previous is not None and previous.status in ("running", "interrupted")
+        if unfinished and cfg.resume is None:
+            changed = config_changes(previous.config, OmegaConf.to_container(cfg, resolve=True))
+            if changed:  # the run refuses to resume into a mix of two settings
+                raise ConfigError(
+                    "resume", None, f"{run_dir} holds an unfinished run with other settings ({', '.join(changed)}); "
+                    "delete it to start over, or resume it anyway with resume=<its checkpoints/last.ckpt>",
+                )  # fmt: skip
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        for key in missing:
+            if not key.startswith("data."):  # only the data's location may stay unknown to a plan
+                raise ConfigError(key, "???", f"required: {key}=...")
+        optim = build_optim(cfg)
+        datamodule = build_datamodule(cfg)
+        build_model(cfg, datamodule.num_classes, device="meta")  # its checks, without the memory
+        trainer = trainer_arguments(cfg, accumulation(cfg, optim))
+        resume = unfinished and (cfg.resume is not None or (Path(run_dir) / "checkpoints" / "last.ckpt").exists())
+        state = "new" if previous is None else "resume" if resume else "rerun"
+        data_key = repr(OmegaConf.to_container(cfg.data))
+        if data_key not in sizes:  # an image folder is scanned once, not once per job
+            sizes[data_key] = _image_counts(cfg, datamodule, missing)
+        train, val, why = sizes[data_key]
+        world = device_count(cfg.trainer) * cfg.trainer.num_nodes
+        done_epochs = previous.epochs if state == "resume" else 0
+        work = count_work(trainer, optim, cfg.data.batch_size, world, (train, val), done_epochs)
+        schedule = schedule_label(optim, trainer)
+        if work is None:
+            run = PlannedRun(run_dir, state, schedule, max(0, optim.total_epochs - done_epochs), None, None, None, why)
+        else:
+            run = PlannedRun(run_dir, state, schedule, work.epochs, work.steps, None, None)
+        model_key = repr((model_arguments(cfg, datamodule.num_classes), cfg.data.image_size))
+        checked.append(CheckedJob(cfg, run, work, model_key))
+    return checked
+
+
+def estimate(jobs: list[CheckedJob], device: torch.device, measure_steps: int = 3) -> Iterator[PlannedRun]:
+    """The jobs' runs with measured throughput and time, one at a time as each is measured."""
+    speeds: dict[str, tuple[float, float]] = {}  # model key -> (train, forward) img/s
+    for job in jobs:
+        if job.cfg is None:
+            yield job.run
+            continue
+        if job.model_key not in speeds:
+            model = build_model(job.cfg, build_datamodule(job.cfg).num_classes)
+            batch = min(job.cfg.data.batch_size, MEASURE_BATCH)
+            speed = measure_throughput(model, job.cfg.data.image_size, batch, device, steps=measure_steps, warmup=1)
+            speeds[job.model_key] = (speed.train_step_img_s, speed.forward_img_s)
+            del model
+        train_speed, forward_speed = speeds[job.model_key]
+        seconds = None
+        if job.work is not None:
+            seconds = job.work.train_images / train_speed + job.work.val_images / forward_speed
+        yield replace(job.run, images_per_s=train_speed, seconds=seconds)
 
 
 def plan(overrides: list[str], device: torch.device, measure_steps: int = 3) -> list[PlannedRun]:
-    speeds: dict[str, tuple[float, float]] = {}  # distinct model and input size -> (train, forward) img/s
-    sizes: dict[str, tuple[int | None, int | None]] = {}  # distinct data settings -> (train, val) images
-    planned = []
-    for job in expand_sweep(overrides):
-        cfg, run_dir, _ = compose_job(job)
-        optim = build_optim(cfg)
-        datamodule = build_datamodule(cfg)
-        total = optim.epochs + optim.cooldown_epochs
-        previous = read_record(run_dir) if (Path(run_dir) / RECORD_NAME).exists() else None
-        if previous is not None and previous.status in FINAL:
-            planned.append(PlannedRun(run_dir, "done", 0, None, 0.0))
-            continue
-        state = "new" if previous is None else "rerun" if previous.status == "failed" else "resume"
-        epochs_left = total - (previous.epochs if state == "resume" else 0)
-        key = repr((model_arguments(cfg, datamodule.num_classes), cfg.data.image_size))
-        if key not in speeds:
-            model = build_model(cfg, datamodule.num_classes)
-            batch = min(cfg.data.batch_size, 32)  # enough to be representative, small enough to be quick
-            speed = measure_throughput(model, cfg.data.image_size, batch, device, steps=measure_steps, warmup=1)
-            speeds[key] = (speed.train_step_img_s, speed.forward_img_s)
-        train_speed, forward_speed = speeds[key]
-        data_key = repr(OmegaConf.to_container(cfg.data))
-        if data_key not in sizes:  # an image folder is scanned once, not once per job
-            sizes[data_key] = datamodule.split_sizes()
-        train_images, val_images = sizes[data_key]
-        seconds = None
-        if train_images is not None:
-            workers = device_count(cfg.trainer) * cfg.trainer.num_nodes
-            per_epoch = train_images / train_speed + (val_images or 0) / forward_speed
-            seconds = epochs_left * per_epoch / workers
-        planned.append(PlannedRun(run_dir, state, epochs_left, train_speed, seconds))
-    return planned
+    """All runs of `python run.py -m <overrides>` with their state, remaining work and estimated time."""
+    return list(estimate(check_jobs(overrides), device, measure_steps))
 
 
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h" if seconds < 86400 * 2 else f"{seconds / 86400:.1f} days"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+
+
+ROW = "{:7s} {:>7s} {:>9s} {:>11s} {:>10s}  {:20s}  {}"  # the numbers aligned first; labels vary in width
+
+
+def _row(run: PlannedRun) -> str:
+    steps = "?" if run.steps_left is None else f"{run.steps_left:,}"
+    speed = f"{run.images_per_s:.1f}" if run.images_per_s else ""
+    epochs = f"{round(run.epochs_left, 2):g}"
+    line = ROW.format(run.state, epochs, steps, speed, _duration(run.seconds), run.schedule, run.run_dir)
+    return f"{line}  (time unknown: {run.why_unknown})" if run.why_unknown else line
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m metaformer_lab.plan", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="as for `python run.py -m`")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per distinct model")
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
+    device = torch.device(args.device)
     try:
-        runs = plan(args.overrides, torch.device(args.device))
-    except ConfigError as error:
+        jobs = check_jobs(args.overrides)
+    except (ConfigError, HydraException) as error:
         parser.exit(2, f"error: {error}\n")
-    for run in runs:
-        speed = f"{run.images_per_s:8.1f} img/s" if run.images_per_s else " " * 14
-        print(f"{run.state:7s} {run.epochs_left:4d} ep {speed} {_duration(run.seconds):>10s}  {Path(run.run_dir).name}")
+    pending = [job for job in jobs if job.cfg is not None]
+    models = len({job.model_key for job in pending})
+    print(f"{len(jobs)} runs ({len(pending)} to run, {len(jobs) - len(pending)} done); timing {models} distinct "
+          f"model{'s' * (models != 1)} on {_device_name(device)}, fp32, batch <= {MEASURE_BATCH}, "
+          f"{args.steps} timed step{'s' * (args.steps != 1)} each")  # fmt: skip
+    print(ROW.format("state", "epochs", "steps", "train img/s", "time", "schedule", "run directory"), flush=True)
+    runs = []
+    for run in estimate(jobs, device, args.steps):
+        print(_row(run), flush=True)  # as measured: one distinct model takes seconds on a CPU
+        runs.append(run)
     todo = [r for r in runs if r.state != "done"]
-    known = [r.seconds for r in todo if r.seconds is not None]
-    total = sum(known) if len(known) == len(todo) else math.nan
-    print(f"{len(runs)} runs: {len(runs) - len(todo)} done, {len(todo)} to run; "
-          f"estimated {_duration(None if math.isnan(total) else total)} on {args.device} "
-          f"(training throughput measured here, divided by the configured device count)")  # fmt: skip
+    unknown = Counter(r.why_unknown for r in todo if r.seconds is None)
+    timed = len(todo) - unknown.total()
+    total = f"{len(runs)} runs: {len(runs) - len(todo)} done, {len(todo)} to run"
+    if timed or not unknown:
+        total += f"; estimated {_duration(sum(r.seconds for r in todo if r.seconds is not None))}"
+        total += f" for {timed} of them" if unknown else ""
+        total += f" on {args.device} (training throughput measured here; a run's devices x nodes share its batches)"
+    print(total)
+    if unknown:
+        reasons = "; ".join(f"{why} ({n})" for why, n in unknown.items())
+        print(f"no estimate for {unknown.total()} run{'s' * (unknown.total() != 1)}: {reasons}")
 
 
 if __name__ == "__main__":
