@@ -20,9 +20,13 @@ class ValidationHistory(L.Callback):
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        self.history.append(
-            dict(epoch=trainer.current_epoch, top1=float(metrics["val/top1"]), top5=float(metrics["val/top5"]))
-        )
+        self.history.append(dict(
+            epoch=trainer.current_epoch, step=trainer.global_step,
+            top1=float(metrics["val/top1"]), top5=float(metrics["val/top5"]),
+        ))  # fmt: skip
+
+    def validated_at(self, step: int) -> bool:
+        return bool(self.history) and self.history[-1].get("step") == step
 
     def best(self) -> dict[str, float] | None:
         return max(self.history, key=lambda h: h["top1"], default=None)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaformer_lab.data.datamodules import DATASETS
 from metaformer_lab.models import MetaFormer, create_model
@@ -39,19 +40,45 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | Mapping) else node
 
 
+# the config groups that choose a layer per stage: `<group>.name` for all stages, or `<group>.stages` one per stage
+AXIS_GROUPS = ("mixer", "norm", "act")
+
+
+def per_stage_groups(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """`mixer=[pooling,pooling,attention,attention]` means one mixer per stage, as it does for `profile`.
+
+    Hydra reads a list given to a config group as several files to merge, the last one winning, so the run would
+    silently build the last choice for every stage. This moves such a list to `<group>.stages` (and clears
+    `<group>.name`), before anything is built. `overrides`: the command line's, e.g. HydraConfig's overrides.task.
+    """
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        group, value = override.key_or_group.lstrip("+~"), override.value()
+        if group not in AXIS_GROUPS or not isinstance(value, list):
+            continue
+        explicit = [o for o in overrides if o.lstrip("+").startswith(f"{group}.stages=")]
+        if explicit:
+            raise ConfigError(group, value, f"one per-stage list, not also {explicit[0]}")
+        with open_dict(cfg):
+            cfg[group].name, cfg[group].stages = None, [str(choice) for choice in value]
+    return cfg
+
+
+def _axis_choice(cfg: DictConfig, group: str) -> Any:
+    stages = _plain(cfg[group].stages)
+    return stages if stages is not None else cfg[group].name
+
+
 def model_arguments(cfg: DictConfig, num_classes: int) -> tuple[str, dict[str, Any]]:
     """(preset, MetaFormer overrides) from the model, mixer, norm, act and data groups."""
     model = _plain(cfg.model)
     model.pop("name")
     preset = model.pop("preset")
-    for key in ("mixer", "norm", "act", *_MIXER_KEYS):
+    for key in (*AXIS_GROUPS, *_MIXER_KEYS):
         if key in model:
             raise ConfigError(f"model.{key}", model[key], f"set it with {_AXIS_KEYS.get(key, key)}=...")
-    stages = _plain(cfg.mixer.stages)
     model.update(
-        mixer=stages if stages is not None else cfg.mixer.name,
-        **{key: cfg.mixer[key] for key in _MIXER_KEYS},
-        norm=cfg.norm.name, act=cfg.act.name, img_size=cfg.data.image_size, num_classes=num_classes,
+        {group: _axis_choice(cfg, group) for group in AXIS_GROUPS},
+        **{key: cfg.mixer[key] for key in _MIXER_KEYS}, img_size=cfg.data.image_size, num_classes=num_classes,
     )  # fmt: skip
     return preset, model
 
@@ -62,8 +89,8 @@ def build_model(cfg: DictConfig, num_classes: int, device: str | torch.device | 
         with torch.device(device) if device else contextlib.nullcontext():
             return create_model(preset, **args)
     except ConfigError as error:
-        if error.key == "mixer":
-            key = "mixer.stages" if cfg.mixer.stages is not None else "mixer"
+        if error.key in AXIS_GROUPS:
+            key = f"{error.key}.stages" if cfg[error.key].stages is not None else error.key
         else:
             key = _AXIS_KEYS.get(error.key, f"model.{error.key}")
         raise ConfigError(key, error.value, error.expected) from None
@@ -79,13 +106,28 @@ def build_optim(cfg: DictConfig) -> OptimSettings:
     return OptimSettings(**checked_arguments(OptimSettings, _plain(cfg.optim), "optim"))
 
 
+def resolve_device(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """`trainer` with `auto` accelerator, precision and channels_last decided for this machine: one GPU if there is
+    one (bf16-mixed where it supports it, NHWC), else the CPU in fp32. Explicit choices are kept."""
+    resolved = dict(trainer)
+    if resolved["accelerator"] == "auto":
+        resolved["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+    on_gpu = resolved["accelerator"] in ("gpu", "cuda")
+    if resolved["precision"] == "auto":
+        resolved["precision"] = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32"
+    resolved["precision"] = str(resolved["precision"])  # `trainer.precision=32` arrives as an int
+    if resolved["channels_last"] == "auto":
+        resolved["channels_last"] = on_gpu
+    return resolved
+
+
 def device_count(trainer: Mapping[str, Any]) -> int:
     """Devices per node as Lightning will use them (`devices` may be a count, a list, -1 or "auto")."""
     devices = trainer["devices"]
     if isinstance(devices, list | tuple):
         return len(devices)
     if devices in (-1, "-1", "auto"):
-        return torch.cuda.device_count() if trainer["accelerator"] in ("gpu", "cuda") else 1
+        return torch.cuda.device_count() if resolve_device(trainer)["accelerator"] in ("gpu", "cuda") else 1
     return int(devices)
 
 
@@ -102,7 +144,61 @@ def accumulation(cfg: DictConfig, optim: OptimSettings) -> int:
             "optim.global_batch", optim.global_batch,
             f"a multiple of data.batch_size x devices x num_nodes = {per_step}",
         )  # fmt: skip
-    return optim.global_batch // per_step
+    accumulate = optim.global_batch // per_step
+    asked = cfg.trainer.get("accumulate_grad_batches")
+    if asked is not None and asked != accumulate:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches", asked,
+            f"derived from optim.global_batch={optim.global_batch} / (data.batch_size x devices x num_nodes = "
+            f"{per_step}) = {accumulate}; to accumulate {asked} batches set optim.global_batch={per_step * asked}",
+        )  # fmt: skip
+    return accumulate
+
+
+# Trainer arguments a run sets itself, and the setting a user changes instead
+_RUN_SETS = {
+    "max_epochs": "optim.epochs (+ optim.cooldown_epochs)", "gradient_clip_val": "optim.grad_clip",
+    "logger": "logger=wandb|csv", "callbacks": "the run (checkpoints, history, throughput)",
+    "default_root_dir": "the run directory", "enable_checkpointing": "the run (last.ckpt, best.ckpt)",
+    "use_distributed_sampler": "the data module (its sampler is seeded by `seed`)",
+}  # fmt: skip
+_OUR_TRAINER_KEYS = ("compile", "channels_last")  # not Lightning's: applied to the model by the run
+
+
+def trainer_arguments(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
+    """`lightning.Trainer` keyword arguments from `trainer` (auto choices resolved for this machine).
+
+    Every key is a Trainer argument or one of ours; one the run sets itself, or an unknown one, is a ConfigError.
+    """
+    trainer = resolve_device(_plain(cfg.trainer))
+    valid = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
+    for key, value in trainer.items():
+        if key in _RUN_SETS:
+            raise ConfigError(f"trainer.{key}", value, f"set by the run from {_RUN_SETS[key]}")
+        if key not in valid and key not in _OUR_TRAINER_KEYS:
+            settable = [p for p in valid if p not in _RUN_SETS] + list(_OUR_TRAINER_KEYS)
+            raise ConfigError(f"trainer.{key}", value, "not an argument of lightning.Trainer; valid: "
+                              + ", ".join(settable))  # fmt: skip
+    for key in _OUR_TRAINER_KEYS:
+        trainer.pop(key)
+    trainer["accumulate_grad_batches"] = accumulate
+    return trainer
+
+
+def schedule_label(optim: OptimSettings, trainer: Mapping[str, Any]) -> str:
+    """The schedule as the record and analysis name it: "12 ep", "300+10 ep" (cooldown), "12 ep, max 20 steps",
+    "12 ep, 10% batches", "fast_dev_run". A shortened run is another protocol, and its label says so."""
+    fast = trainer.get("fast_dev_run", False)
+    if fast:
+        return "fast_dev_run" if fast is True or fast == 1 else f"fast_dev_run {fast}"
+    parts = [f"{optim.epochs}+{optim.cooldown_epochs} ep" if optim.cooldown_epochs else f"{optim.epochs} ep"]
+    if trainer.get("max_steps", -1) not in (-1, None):
+        parts.append(f"max {trainer['max_steps']} steps")
+    for key, what in (("limit_train_batches", "batches"), ("limit_val_batches", "val batches")):
+        limit = trainer.get(key, 1.0)
+        if limit is not None and not (isinstance(limit, float) and limit == 1.0):  # the int 1 is one batch
+            parts.append(f"{limit:.0%} {what}" if isinstance(limit, float) else f"{limit} {what}/ep")
+    return ", ".join(parts)
 
 
 def run_axes(cfg: DictConfig, model: MetaFormer) -> dict[str, Any]:

@@ -61,10 +61,31 @@ class OptimSettings:
         for name in ("label_smoothing", "mix_prob", "mix_switch_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"optim.{name}", getattr(self, name), "a probability in [0, 1]")
-        if self.warmup_epochs >= self.epochs:
-            raise ConfigError("optim.warmup_epochs", self.warmup_epochs, f"fewer than optim.epochs={self.epochs}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError("optim.grad_clip", self.grad_clip, "a positive number or null")
+
+    @property
+    def warmup(self) -> float:
+        """Warmup epochs as run: `warmup_epochs`, capped at a tenth of `epochs` so that a short run (`optim.epochs=1`)
+        still reaches its peak lr and decays from it (timm's cosine counts from epoch 0, under the warmup, so a long
+        warmup would end in a drop); `describe()` says when the cap applies."""
+        return min(self.warmup_epochs, self.epochs / 10)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs the loop runs: the cosine's `epochs`, then `cooldown_epochs` at min_lr (timm's schedule)."""
+        return self.epochs + self.cooldown_epochs
+
+    def describe(self) -> str:
+        """The schedule in words, for the start of a run: what runs, for how long, and any cap applied."""
+        warmup = f"warmup {self.warmup:g} ep"
+        if self.warmup < self.warmup_epochs:
+            warmup += f" (optim.warmup_epochs={self.warmup_epochs:g} capped at a tenth of optim.epochs={self.epochs})"
+        text = f"{self.epochs} ep cosine from lr {self.lr:.3g} to {self.min_lr:g}, {warmup}"
+        if self.cooldown_epochs:
+            text += (f", then {self.cooldown_epochs} cooldown ep at min_lr = {self.total_epochs} ep "
+                     "(optim.cooldown_epochs=0 drops them)")  # fmt: skip
+        return text
 
     @property
     def lr(self) -> float:
@@ -74,8 +95,8 @@ class OptimSettings:
     def lr_at(self, epoch: float) -> float:
         """timm's CosineLRScheduler as the paper used it: linear warmup from warmup_lr, then cosine over
         [0, epochs) counted from epoch 0, then min_lr through the cooldown. Evaluated per step (fractional epoch)."""
-        if epoch < self.warmup_epochs:
-            return self.warmup_lr + (self.lr - self.warmup_lr) * epoch / self.warmup_epochs
+        if epoch < self.warmup:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * epoch / self.warmup
         if epoch >= self.epochs:
             return self.min_lr
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * epoch / self.epochs))
@@ -137,6 +158,8 @@ class ImageClassifier(L.LightningModule):
         optimizer = torch.optim.AdamW(
             parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
         )
-        steps_per_epoch = self.trainer.estimated_stepping_batches / self.trainer.max_epochs
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: o.lr_at(step / steps_per_epoch) / o.lr)
+        # the whole schedule (warmup, cosine, cooldown) over the optimizer steps this run will take: per epoch as
+        # usual, and fitted into them when the run is shortened (trainer.max_steps, limit_train_batches)
+        epochs_per_step = o.total_epochs / max(1, self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: o.lr_at(step * epochs_per_step) / o.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

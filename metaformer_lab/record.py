@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: schedule, train_images, accelerator, device_name, precision, world_size
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -46,6 +46,15 @@ class RunRecord:
     image_size: int | None = None
     experiment: str | None = None
     sweep: str | None = None
+    # the protocol beside the axes (analysis never compares runs of two protocols in one column)
+    # as planned: "12 ep", "300+10 ep" (+ cooldown), "12 ep, max 20 steps", "12 ep, 10% batches", "fast_dev_run"
+    schedule: str = ""
+    train_images: int | None = None  # size of the training set
+    # where it ran
+    accelerator: str = ""  # "cpu" or "gpu", as resolved (trainer.accelerator=auto picks one)
+    device_name: str = ""  # e.g. "cpu" or "NVIDIA H100 80GB HBM3"
+    precision: str = ""  # as resolved: "32", "bf16-mixed", "16-mixed"
+    world_size: int = 1  # processes (devices x nodes)
     # cost, in the paper's convention (see models/counting.py)
     params: int | None = None
     frozen_params: int | None = None

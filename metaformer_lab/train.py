@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -21,14 +20,23 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from metaformer_lab.callbacks import ResumableRng, TrainThroughput, ValidationHistory
-from metaformer_lab.config import accumulation, build_datamodule, build_model, build_optim, run_axes
-from metaformer_lab.loggers import wandb_logger
+from metaformer_lab.config import (
+    accumulation,
+    build_datamodule,
+    build_model,
+    build_optim,
+    resolve_device,
+    run_axes,
+    schedule_label,
+    trainer_arguments,
+)
+from metaformer_lab.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.models import measure_cost
 from metaformer_lab.module import DivergedError, ImageClassifier, OptimSettings
 from metaformer_lab.record import FINAL, NON_RESULT_KEYS, RECORD_NAME, RunRecord, read_record, write_record
@@ -62,7 +70,13 @@ def _versions() -> dict[str, str]:
 
 
 def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] = ()) -> RunRecord:
-    """Train the run `cfg` describes in `run_dir`; returns its final record (also on disk as result.json)."""
+    """Train the run `cfg` describes in `run_dir`; returns its final record (also on disk as result.json).
+
+    Every check (config, model, data, Lightning's own) runs before the record is first written: a configuration
+    error raises a ConfigError and leaves no record behind (nor changes an earlier one). `failed` is for runs that
+    started.
+    """
+    route_library_output()
     run_dir = Path(run_dir)
     previous = read_record(run_dir) if (run_dir / RECORD_NAME).exists() else None
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -79,59 +93,54 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
             "over, or resume it anyway with resume=<its checkpoints/last.ckpt>",
         )  # fmt: skip
 
-    record = RunRecord(run_dir=str(run_dir), seed=cfg.seed, started_at=_now(), versions=_versions())
-    record.config = config
-    record.git_commit = _git_commit()
     start = time.perf_counter()
-    # until the Trainer knows the global rank: the environment's (other nodes' main processes have NODE_RANK)
-    is_rank_zero = rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
-    resuming = False
-
-    def finish(status: str, error: str | None = None) -> RunRecord:
-        record.status, record.error, record.finished_at = status, error, _now()
-        record.wall_time_s = (previous.wall_time_s if resuming else 0.0) + time.perf_counter() - start
-        if is_rank_zero:
-            write_record(run_dir, record)
-        return record
-
+    record = RunRecord(run_dir=str(run_dir), seed=cfg.seed, started_at=_now(), versions=_versions(), config=config)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model: its init is part of the seed
-    try:  # everything that can reject the config runs before any training
-        optim = build_optim(cfg)
-        datamodule = build_datamodule(cfg)
-        model = build_model(cfg, datamodule.num_classes)
-        accumulate = accumulation(cfg, optim)
-        for key, value in run_axes(cfg, model).items():
-            setattr(record, key, value)
-        cost = measure_cost(model, cfg.data.image_size)
-        record.params, record.frozen_params, record.macs = cost.params, cost.frozen_params, cost.macs
-        record.global_batch, record.lr = optim.global_batch, optim.lr
+    optim = build_optim(cfg)
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg, datamodule.num_classes)
+    trainer_args = trainer_arguments(cfg, accumulation(cfg, optim))
+    for key, value in run_axes(cfg, model).items():
+        setattr(record, key, value)
+    cost = measure_cost(model, cfg.data.image_size)
+    record.params, record.frozen_params, record.macs = cost.params, cost.frozen_params, cost.macs
+    record.global_batch, record.lr = optim.global_batch, optim.lr
+    datamodule.setup("fit")  # the data's own checks (an image folder's layout) before anything is written
+    record.schedule, record.train_images = schedule_label(optim, trainer_args), len(datamodule.train)
+    record.accelerator, record.precision = trainer_args["accelerator"], trainer_args["precision"]
+    record.git_commit = _git_commit()
 
-        checkpoints = run_dir / "checkpoints"
-        ckpt_path = cfg.resume
-        if ckpt_path is None and previous is not None and previous.status in ("running", "interrupted"):
-            last = checkpoints / "last.ckpt"
-            ckpt_path = str(last) if last.exists() else None
-        resuming = ckpt_path is not None and previous is not None
-        if resuming:
-            record.started_at, record.wandb_id = previous.started_at, previous.wandb_id
-        trainer, history, throughput, wandb = _build_trainer(cfg, run_dir, record, optim, accumulate, callbacks)
-    except Exception as invalid:
-        finish("failed", f"{type(invalid).__name__}: {invalid}")
-        raise
+    checkpoints = run_dir / "checkpoints"
+    ckpt_path = cfg.resume
+    if ckpt_path is None and previous is not None and previous.status in ("running", "interrupted"):
+        last = checkpoints / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+    resuming = ckpt_path is not None and previous is not None
+    if resuming:
+        record.started_at, record.wandb_id = previous.started_at, previous.wandb_id
+    trainer, history, throughput, wandb = _build_trainer(cfg, run_dir, record, trainer_args, callbacks, resuming)
+    record.world_size = trainer.world_size
+    device = trainer.strategy.root_device
+    record.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
     is_rank_zero = trainer.global_rank == 0
     if is_rank_zero:
-        if ckpt_path is None and checkpoints.exists():
-            shutil.rmtree(checkpoints)  # a failed run starts over: its checkpoints must not be mistaken for results
+        if ckpt_path is None:  # a failed run starts over: its checkpoints and metrics must not be mistaken for results
+            for folder in (checkpoints, run_dir / "csv"):
+                shutil.rmtree(folder, ignore_errors=True)
         write_record(run_dir, record)
+        _log_start(cfg, record, optim, trainer, ckpt_path)
     if trainer.world_size > 1:  # each rank its own stream (drop path, mixup), as timm seeds rank r with seed + r
         L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if cfg.trainer.compile:  # true (inductor) or a backend name; in place, so checkpoint keys stay the plain model's
         model.compile(backend="inductor" if cfg.trainer.compile is True else cfg.trainer.compile)
-    module = ImageClassifier(model, optim, datamodule.num_classes, channels_last=cfg.trainer.channels_last)
+    channels_last = resolve_device(cfg.trainer)["channels_last"]
+    module = ImageClassifier(model, optim, datamodule.num_classes, channels_last=channels_last)
     status, error = "failed", "stopped by an unexpected signal"  # replaced below on every ordinary exit
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if not history.validated_at(trainer.global_step):  # stopped between validations (max_steps, max_time)
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         status, error = "completed", None
     except DivergedError as diverged:
         status, error = "diverged", str(diverged)
@@ -143,42 +152,91 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
         raise
     finally:
         _summarize(record, trainer, history, throughput)
-        finish(status, error)
+        record.status, record.error, record.finished_at = status, error, _now()
+        record.wall_time_s = (previous.wall_time_s if resuming else 0.0) + time.perf_counter() - start
+        if is_rank_zero:
+            write_record(run_dir, record)
+            if wandb is not None and (where := wandb_location(wandb)):
+                log.info(where)
+            log.info(end_line(record))
         if wandb is not None:
             _finish_wandb(wandb, record)
     return record
 
 
+def discard_unstarted_run(run_dir: str | Path) -> None:
+    """Remove a run directory that holds only what Hydra wrote before the run was refused (.hydra/, run.log)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "run.log"}:
+        shutil.rmtree(run_dir)
+
+
+def end_line(record: RunRecord) -> str:
+    """The line every run ends with: status, best and final top-1, wall time, and where its record is."""
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{100 * value:.2f}%"
+
+    minutes, seconds = divmod(round(record.wall_time_s), 60)
+    result = f"best val top-1 {pct(record.best_val_top1)}, final {pct(record.final_val_top1)}"
+    reason = f" ({record.error})" if record.error and record.status != "completed" else ""
+    took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    took = f"{record.epochs} ep / {record.steps} steps in {took}"
+    return f"{record.status}{reason}: {result}, {took}; record {shown_path(Path(record.run_dir) / RECORD_NAME)}"
+
+
+def _count(number: float, unit: str) -> str:
+    """1361898 params -> "1.36 M params", 4384000 MACs -> "4.38 M MACs"."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if number >= scale:
+            return f"{number / scale:.3g} {prefix} {unit}"
+    return f"{number:g} {unit}"
+
+
+def _log_start(cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer: L.Trainer, ckpt: str | None) -> None:
+    """What is about to run, in a few lines (in place of Lightning's model summary, which cannot count MACs)."""
+    axes = f"mixer {record.mixer}, norm {record.norm}, act {record.act}"
+    axes += "".join(f", {key}={value}" for key, value in (("residual", record.residual), ("mlp", record.mlp))
+                    if value is not True)  # fmt: skip
+    log.info("run %s%s", shown_path(record.run_dir), f" (resuming from {shown_path(ckpt)})" if ckpt else "")
+    log.info("  model %s: %s; %s, %s at %d px", record.model, axes, _count(record.params, "params"),
+             _count(record.macs, "MACs"), cfg.data.image_size)  # fmt: skip
+    images = f"{record.train_images:,} training images" if record.train_images else "training images"
+    log.info("  data %s: %s; %d per optimizer step = %d per device x %d device%s x %d accumulated", record.data,
+             images, optim.global_batch, cfg.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
+             trainer.accumulate_grad_batches)  # fmt: skip
+    log.info("  schedule %s: %s", record.schedule, optim.describe())
+    log.info("  device %s, precision %s%s", record.device_name, record.precision,
+             ", debug=" + cfg.debug if cfg.get("debug") else "")  # fmt: skip
+
+
 def _build_trainer(
-    cfg: DictConfig, run_dir: Path, record: RunRecord, optim: OptimSettings, accumulate: int,
-    callbacks: Sequence[L.Callback],
+    cfg: DictConfig, run_dir: Path, record: RunRecord, trainer_args: dict, callbacks: Sequence[L.Callback],
+    resuming: bool,
 ) -> tuple[L.Trainer, ValidationHistory, TrainThroughput, WandbLogger | None]:  # fmt: skip
-    loggers: list[Logger] = [CSVLogger(run_dir, name="csv", version="")]
+    # a resumed run logs to a folder of its own: Lightning's CSVLogger deletes the metrics.csv it finds
+    segment = f"resume-{len(list(run_dir.glob('csv/resume-*'))) + 1}" if resuming else ""
+    loggers: list[Logger] = [CSVLogger(run_dir, name="csv", version=segment)]
     wandb = wandb_logger(cfg, run_dir, record) if cfg.logger.wandb else None
     if wandb is not None:
         loggers.append(wandb)
     history, throughput = ValidationHistory(), TrainThroughput()
     checkpoints = run_dir / "checkpoints"
-    t = cfg.trainer
+    optim = cfg.optim
+    arguments = dict(
+        dict(num_sanity_val_steps=0, enable_model_summary=False), **trainer_args,  # defaults a user can change
+        max_epochs=optim.epochs + optim.cooldown_epochs, gradient_clip_val=optim.grad_clip, default_root_dir=run_dir,
+        logger=loggers, use_distributed_sampler=False,
+        callbacks=[
+            ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False),
+            # every epoch, new best or not: Lightning 2.6's save_last only writes along with a new best
+            ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
+            history, throughput, ResumableRng(), *callbacks,
+        ],
+    )  # fmt: skip
     try:
-        trainer = L.Trainer(
-            max_epochs=optim.epochs + optim.cooldown_epochs,
-            accumulate_grad_batches=accumulate,
-            gradient_clip_val=optim.grad_clip,
-            accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
-            precision=t.precision, deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
-            default_root_dir=run_dir, logger=loggers, num_sanity_val_steps=0, use_distributed_sampler=False,
-            callbacks=[
-                ModelCheckpoint(
-                    checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False
-                ),
-                # every epoch, new best or not: Lightning 2.6's save_last only writes along with a new best
-                ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
-                history, throughput, ResumableRng(), *callbacks,
-            ],
-        )  # fmt: skip
+        trainer = L.Trainer(**arguments)
     except Exception as error:  # Lightning's own checks: no GPU here, a precision this device lacks, ...
-        settings = f"accelerator={t.accelerator} devices={t.devices} strategy={t.strategy} precision={t.precision}"
+        settings = " ".join(f"{key}={trainer_args[key]}" for key in ("accelerator", "devices", "strategy", "precision"))
         raise ConfigError("trainer", settings, f"Lightning cannot set this up: {error}") from None
     return trainer, history, throughput, wandb
 

@@ -8,14 +8,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from metaformer_lab.config import register_resolvers
+from metaformer_lab.config import per_stage_groups, register_resolvers
 
 ROOT = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data"
 # a few seconds of training on the embedded data
 QUICK = [
     "data.train_size=256", "data.val_size=128", "data.batch_size=64", "optim.global_batch=64", "optim.epochs=2",
-    "optim.warmup_epochs=0", "logger=csv", "model.depths=[1,1,1,1]", "model.dims=[32,32,64,64]",
+    "optim.warmup_epochs=0", "logger=csv", "model.depths=[1,1,1,1]", "model.dims=[32,32,64,64]", "trainer=cpu",
 ]  # fmt: skip
 
 
@@ -26,9 +26,10 @@ def _few_threads():
 
 
 def compose_config(*overrides: str) -> DictConfig:
+    """The config `python run.py <overrides>` trains (run.py applies per_stage_groups as well)."""
     register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return per_stage_groups(compose("config", overrides=list(overrides)), overrides)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

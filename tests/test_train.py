@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from conftest import QUICK, compose_config, run_cli
 from lightning.pytorch.loggers import WandbLogger
 
+from metaformer_lab.config import build_optim
 from metaformer_lab.record import STATUSES, RunRecord, read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import train
@@ -58,7 +60,9 @@ def test_per_stage_mixers_from_one_override(tmp_path):
 def test_record_schema_of_a_completed_run(tmp_path):
     train(compose_config(*QUICK, "optim.epochs=1", "seed=3"), tmp_path)
     data = json.loads((tmp_path / "result.json").read_text())
-    assert data["schema_version"] == 1 and data["status"] in STATUSES
+    assert data["schema_version"] == 2 and data["status"] in STATUSES
+    assert (data["schedule"], data["train_images"], data["world_size"]) == ("1 ep", 256, 1)
+    assert (data["accelerator"], data["device_name"], data["precision"]) == ("cpu", "cpu", "32")
     axes = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "seed", "data", "experiment")
     assert all(key in data for key in axes) and data["seed"] == 3
     for key in (
@@ -86,6 +90,52 @@ def test_rerun_of_a_completed_run_is_skipped(tmp_path):
     first = train(cfg, tmp_path)
     again = train(cfg, tmp_path)
     assert again.status == "completed" and again.finished_at == first.finished_at
+
+
+def test_a_run_ends_with_one_line_and_logs_to_run_log_without_noise(tmp_path):
+    result = run_cli(*QUICK, "logger=wandb", "trainer=auto", "trainer.max_steps=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    record = only_record(tmp_path / "runs")
+    run_dir = Path(record.run_dir)
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"completed: best val top-1 \d+\.\d\d%, final \d+\.\d\d%, 1 ep / 3 steps in \d+ s; record "
+                        r"runs/.*/result.json", last), last  # fmt: skip
+    assert "schedule 2 ep, max 3 steps" in result.stdout and "device cpu, precision 32" in result.stdout
+    assert re.search(r"wandb: offline; upload with `wandb sync runs/.*/wandb/offline-run-", result.stdout)
+    for noise in ("Tip", "Total Flops", "litlogger", "Tracking run with wandb", "Run history", "anonymous",
+                  "GPU available", "LeafSpec"):  # fmt: skip
+        assert noise not in output
+    log = (run_dir / "run.log").read_text()
+    assert "`Trainer.fit` stopped" in log and last in log and "model small" in log  # Lightning's lines and ours
+    assert record.accelerator == "cpu" and record.schedule == "2 ep, max 3 steps"
+
+
+class _LrPerStep(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_lr_schedule_follows_the_steps_actually_run(tmp_path):
+    lrs = _LrPerStep()
+    cfg = compose_config(*QUICK, "optim.warmup_epochs=0.2", "trainer.max_steps=5", "optim.min_lr=0")
+    record = train(cfg, tmp_path, callbacks=[lrs])
+    assert record.steps == 5 and record.schedule == "2 ep, max 5 steps"
+    optim = build_optim(cfg)  # warmup, cosine over 2 epochs and no cooldown, all fitted into 5 steps
+    assert lrs.lrs == pytest.approx([optim.lr_at(step * 2 / 5) for step in range(5)])
+    assert lrs.lrs[0] == pytest.approx(optim.warmup_lr) and max(lrs.lrs) > 0.5 * optim.lr
+
+
+@pytest.mark.parametrize("override, steps, schedule", [
+    ("trainer.limit_train_batches=0.5", 4, "2 ep, 50% batches"),
+    ("trainer.fast_dev_run=true", 1, "fast_dev_run"),
+])  # fmt: skip
+def test_lightning_shortcuts_work_without_plus_and_say_so(tmp_path, override, steps, schedule):
+    record = train(compose_config(*QUICK, override), tmp_path)
+    assert record.status == "completed" and record.steps == steps and record.schedule == schedule
 
 
 class _PoisonWeights(L.Callback):
@@ -118,6 +168,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     assert interrupted.status == "interrupted" and interrupted.epochs == 1
     resumed = train(cfg, tmp_path / "resumed")
     assert resumed.status == "completed" and resumed.epochs == 2 and resumed.steps == 8
+    # the metrics of both segments are kept (Lightning's CSVLogger would delete the first)
+    first, second = (tmp_path / "resumed" / "csv" / p / "metrics.csv" for p in ("", "resume-1"))
+    assert "val/top1" in first.read_text() and "val/top1" in second.read_text()
 
     def weights(run: str) -> dict:
         return torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

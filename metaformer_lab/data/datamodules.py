@@ -80,6 +80,7 @@ class ShapesDataModule(ImageDataModule):
         train_size: int = 20000,
         val_size: int = 2000,
         seed: int = 0,
+        max_distractors: int = 3,
         batch_size: int = 128,
         num_workers: int = 0,
         shuffle_seed: int = 0,
@@ -89,12 +90,14 @@ class ShapesDataModule(ImageDataModule):
         _check("data.train_size", train_size, isinstance(train_size, int) and train_size >= batch_size,
                f"at least one batch (data.batch_size={batch_size})")  # fmt: skip
         _check("data.val_size", val_size, isinstance(val_size, int) and val_size >= 1, "a positive whole number")
-        self.train_size, self.val_size, self.seed = train_size, val_size, seed
+        _check("data.max_distractors", max_distractors, isinstance(max_distractors, int) and 0 <= max_distractors <= 14,
+               "0 to 14 other shapes per image")  # fmt: skip
+        self.train_size, self.val_size, self.seed, self.max_distractors = train_size, val_size, seed, max_distractors
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         return self.train_size, self.val_size
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is None:
-            self.train = ShapesDataset(self.train_size, self.image_size, self.seed)
-            self.val = ShapesDataset(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET)
+            self.train = ShapesDataset(self.train_size, self.image_size, self.seed, self.max_distractors)
+            self.val = ShapesDataset(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET, self.max_distractors)

@@ -100,6 +100,7 @@ class ImageFolderDataModule(ImageDataModule):
     ) -> None:
         super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct)
         self.root, self.num_classes = Path(root), num_classes
+        self.root_given = root not in ("???", None)  # "???": OmegaConf's mark of a required value never given
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         sizes = [len(find_images(self.root / split)[0]) if (self.root / split).is_dir() else None for split in SPLITS]
@@ -108,6 +109,8 @@ class ImageFolderDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
+        if not self.root_given:  # checked here, not at construction, so that `plan` can list a run without data
+            raise ConfigError("data.root", None, "required: the image folder, e.g. data.root=/data/imagenet")
         for split in SPLITS:
             if not (self.root / split).is_dir():
                 raise ConfigError("data.root", str(self.root), f"a folder with train/ and val/ inside (no {split}/)")
