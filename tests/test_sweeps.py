@@ -59,9 +59,12 @@ def test_sweep_runs_then_skips_finished_runs_and_resumes_interrupted_ones(tmp_pa
     # the sweep, collected into the paper's Table 5 layout with the paper's numbers beside ours
     table = paper_table(collect_runs(tmp_path / "runs"), "table5").set_index("Variant")
     assert len(table) == 18 and table.loc["Pooling → Identity mapping", "Top-1 paper (%)"] == "74.3"
-    assert table.loc["Pooling → Identity mapping", "Top-1 here (%, mean ± std, n)"].endswith("(n=2)")
-    assert table.loc["None (PoolFormer-S12)", "Top-1 here (%, mean ± std, n)"].endswith("(n=2)")
-    assert table.loc["GELU → ReLU", "Top-1 here (%, mean ± std, n)"] == "—"
+    # one protocol, named in the header: these small CPU runs never pass for the paper's ImageNet numbers
+    [here] = [column for column in table.columns if column.startswith("Top-1 here")]
+    assert here == "Top-1 here: shapes 32 px, 256 img, small, 2 ep (%, mean ± std, n)"
+    assert table.loc["Pooling → Identity mapping", here].endswith("(n=2)")
+    assert table.loc["None (PoolFormer-S12)", here].endswith("(n=2)")
+    assert table.loc["GELU → ReLU", here] == "—"
 
     # a third row joins the sweep; one of its runs was preempted after its first epoch
     (tmp_path / "runs").mkdir(exist_ok=True)
