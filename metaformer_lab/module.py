@@ -81,7 +81,8 @@ class OptimSettings:
         warmup = f"warmup {self.warmup:g} ep"
         if self.warmup < self.warmup_epochs:
             warmup += f" (optim.warmup_epochs={self.warmup_epochs:g} capped at a tenth of optim.epochs={self.epochs})"
-        text = f"{self.epochs} ep cosine from lr {self.lr:.3g} to {self.min_lr:g}, {warmup}"
+        decay = f"cosine from lr {self.lr:.3g} to {self.min_lr:g}" if self.min_lr < self.lr else f"lr {self.lr:.3g}"
+        text = f"{self.epochs} ep {decay}, {warmup}"
         if self.cooldown_epochs:
             text += (f", then {self.cooldown_epochs} cooldown ep at min_lr = {self.total_epochs} ep "
                      "(optim.cooldown_epochs=0 drops them)")  # fmt: skip

@@ -138,6 +138,13 @@ def test_lightning_shortcuts_work_without_plus_and_say_so(tmp_path, override, st
     assert record.status == "completed" and record.steps == steps and record.schedule == schedule
 
 
+def test_quick_mode_learns(tmp_path):
+    # debug=quick on the default command: 248 steps on the embedded data, well above chance (10%); about 47% here
+    record = train(compose_config("debug=quick", "logger=csv", "trainer=cpu"), tmp_path)
+    assert record.status == "completed" and record.schedule == "4 ep" and record.train_images == 8000
+    assert record.best_val_top1 > 0.3
+
+
 class _PoisonWeights(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == 2:
