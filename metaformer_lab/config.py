@@ -45,21 +45,29 @@ AXIS_GROUPS = ("mixer", "norm", "act")
 
 
 def per_stage_groups(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """`mixer=[pooling,pooling,attention,attention]` means one mixer per stage, as it does for `profile`.
+    """The command line's choice of an axis group is what trains, per stage or for all stages.
 
-    Hydra reads a list given to a config group as several files to merge, the last one winning, so the run would
-    silently build the last choice for every stage. This moves such a list to `<group>.stages` (and clears
-    `<group>.name`), before anything is built. `overrides`: the command line's, e.g. HydraConfig's overrides.task.
+    - `mixer=[pooling,pooling,attention,attention]` means one mixer per stage, as it does for `profile`. Hydra reads
+      a list given to a config group as several files to merge, the last one winning, so the run would silently
+      build the last choice for every stage: the list goes to `<group>.stages` (and `<group>.name` is cleared).
+    - `mixer=identity` (or `mixer.name=identity`) after an experiment that sets per-stage mixers (`t5_ppaa`) means
+      identity in every stage: the experiment's `stages` would otherwise win over the name the directory carries.
+
+    Applied before anything is built; `overrides`: the command line's, e.g. HydraConfig's overrides.task.
     """
     for override in OverridesParser.create().parse_overrides(list(overrides)):
-        group, value = override.key_or_group.lstrip("+~"), override.value()
-        if group not in AXIS_GROUPS or not isinstance(value, list):
+        key, value = override.key_or_group.lstrip("+~"), override.value()
+        group = key.removesuffix(".name")
+        if group not in AXIS_GROUPS or override.is_delete():
             continue
         explicit = [o for o in overrides if o.lstrip("+").startswith(f"{group}.stages=")]
-        if explicit:
-            raise ConfigError(group, value, f"one per-stage list, not also {explicit[0]}")
         with open_dict(cfg):
-            cfg[group].name, cfg[group].stages = None, [str(choice) for choice in value]
+            if isinstance(value, list) and key == group:
+                if explicit:
+                    raise ConfigError(group, value, f"one per-stage list, not also {explicit[0]}")
+                cfg[group].name, cfg[group].stages = None, [str(choice) for choice in value]
+            elif not explicit:  # one choice for all stages, named on the command line
+                cfg[group].stages = None
     return cfg
 
 
@@ -185,6 +193,22 @@ def trainer_arguments(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
     return trainer
 
 
+def check_validation_interval(trainer: Mapping[str, Any], train_images: int, batch_size: int, world_size: int) -> None:
+    """Lightning checks an integer `val_check_interval` against the epoch's batches only inside `fit`, after the run
+    has started; this is the same check before it, as a ConfigError."""
+    interval = trainer.get("val_check_interval")
+    if not isinstance(interval, int) or isinstance(interval, bool) or trainer.get("fast_dev_run"):
+        return
+    if trainer.get("check_val_every_n_epoch", 1) is None:  # then the interval counts batches across epochs
+        return
+    batches = train_images // world_size // batch_size  # per rank, incomplete batches dropped
+    limit = trainer.get("limit_train_batches")
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit) if limit is not None else batches
+    if interval > batches:
+        raise ConfigError("trainer.val_check_interval", interval,
+                          f"at most the {batches} training batches of an epoch, or a fraction of an epoch (0.5)")
+
+
 def schedule_label(optim: OptimSettings, trainer: Mapping[str, Any]) -> str:
     """The schedule as the record and analysis name it: "12 ep", "300+10 ep" (cooldown), "12 ep, max 20 steps",
     "12 ep, 10% batches", "fast_dev_run". A shortened run is another protocol, and its label says so."""
@@ -197,7 +221,11 @@ def schedule_label(optim: OptimSettings, trainer: Mapping[str, Any]) -> str:
     for key, what in (("limit_train_batches", "batches"), ("limit_val_batches", "val batches")):
         limit = trainer.get(key, 1.0)
         if limit is not None and not (isinstance(limit, float) and limit == 1.0):  # the int 1 is one batch
-            parts.append(f"{limit:.0%} {what}" if isinstance(limit, float) else f"{limit} {what}/ep")
+            parts.append(f"{limit * 100:.3g}% {what}" if isinstance(limit, float) else f"{limit} {what}/ep")
+    # the other Trainer arguments that change how much is trained (passed as +trainer.<arg>)
+    for key, default in (("overfit_batches", 0), ("max_time", None), ("min_epochs", None), ("min_steps", None)):
+        if trainer.get(key, default) not in (default, -1):
+            parts.append(f"{key} {trainer[key]}")
     return ", ".join(parts)
 
 

@@ -66,10 +66,10 @@ class OptimSettings:
 
     @property
     def warmup(self) -> float:
-        """Warmup epochs as run: `warmup_epochs`, capped at a tenth of `epochs` so that a short run (`optim.epochs=1`)
-        still reaches its peak lr and decays from it (timm's cosine counts from epoch 0, under the warmup, so a long
-        warmup would end in a drop); `describe()` says when the cap applies."""
-        return min(self.warmup_epochs, self.epochs / 10)
+        """Warmup epochs as run: `warmup_epochs`, or a tenth of `epochs` where it would take the whole run
+        (`optim.epochs=1` with the default warmup of 1), so that a short run still reaches its peak lr and decays
+        from it; `describe()` says so. A warmup shorter than the run is kept as given."""
+        return self.warmup_epochs if self.warmup_epochs < self.epochs else self.epochs / 10
 
     @property
     def total_epochs(self) -> int:
@@ -80,7 +80,7 @@ class OptimSettings:
         """The schedule in words, for the start of a run: what runs, for how long, and any cap applied."""
         warmup = f"warmup {self.warmup:g} ep"
         if self.warmup < self.warmup_epochs:
-            warmup += f" (optim.warmup_epochs={self.warmup_epochs:g} capped at a tenth of optim.epochs={self.epochs})"
+            warmup += f" (optim.warmup_epochs={self.warmup_epochs:g} would take all of optim.epochs={self.epochs})"
         decay = f"cosine from lr {self.lr:.3g} to {self.min_lr:g}" if self.min_lr < self.lr else f"lr {self.lr:.3g}"
         text = f"{self.epochs} ep {decay}, {warmup}"
         if self.cooldown_epochs:

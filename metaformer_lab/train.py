@@ -31,6 +31,7 @@ from metaformer_lab.config import (
     build_datamodule,
     build_model,
     build_optim,
+    check_validation_interval,
     resolve_device,
     run_axes,
     schedule_label,
@@ -120,6 +121,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
         record.started_at, record.wandb_id = previous.started_at, previous.wandb_id
     trainer, history, throughput, wandb = _build_trainer(cfg, run_dir, record, trainer_args, callbacks, resuming)
     record.world_size = trainer.world_size
+    check_validation_interval(trainer_args, record.train_images, cfg.data.batch_size, trainer.world_size)
     device = trainer.strategy.root_device
     record.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 

@@ -167,6 +167,16 @@ def test_a_list_given_to_an_axis_group_means_one_choice_per_stage(group, choices
     assert [getattr(spec, group) for spec in model.stage_specs] == choices
 
 
+@pytest.mark.parametrize("override", ["mixer=identity", "mixer.name=identity"])
+def test_an_axis_named_on_the_command_line_wins_over_the_experiments_stages(override):
+    # t5_ppaa sets mixer.stages; a run named `...mixer=identity...` must train identity in every stage
+    cfg = compose_config("experiment=t5_ppaa", "data.root=/x", override)
+    model = build_model(cfg, 1000, device="meta")
+    assert [spec.mixer for spec in model.stage_specs] == ["identity"] * 4
+    kept = compose_config("experiment=t5_ppaa", "data.root=/x", "norm=batchnorm")  # another axis: stages stay
+    assert list(kept.mixer.stages) == ["pooling", "pooling", "attention", "attention"]
+
+
 def test_a_per_stage_list_given_twice_is_refused():
     with pytest.raises(ConfigError, match=r"mixer=.*one per-stage list, not also mixer.stages="):
         compose_config("mixer=[pooling,pooling,attention,attention]", "mixer.stages=[identity,pooling,pooling,pooling]")
@@ -225,6 +235,9 @@ def test_the_accelerator_is_found_not_assumed(monkeypatch):
     (["trainer.limit_train_batches=0.1"], "12 ep, 10% batches"),
     (["trainer.limit_train_batches=5"], "12 ep, 5 batches/ep"),
     (["trainer.limit_train_batches=1"], "12 ep, 1 batches/ep"),
+    (["trainer.limit_train_batches=0.125"], "12 ep, 12.5% batches"),
+    (["+trainer.overfit_batches=2"], "12 ep, overfit_batches 2"),
+    (["+trainer.max_time=00:00:10:00"], "12 ep, max_time 00:00:10:00"),
     (["trainer.fast_dev_run=true"], "fast_dev_run"),
     (["debug=quick"], "4 ep"),
 ])  # fmt: skip
@@ -234,11 +247,22 @@ def test_a_shortened_run_is_labelled_as_another_protocol(overrides, label):
     assert schedule_label(optim, trainer_arguments(cfg, accumulation(cfg, optim))) == label
 
 
+def test_a_validation_interval_longer_than_an_epoch_is_refused_before_the_run():
+    from metaformer_lab.config import check_validation_interval
+
+    args = {"val_check_interval": 5, "limit_train_batches": 2, "check_val_every_n_epoch": 1}
+    with pytest.raises(ConfigError, match=r"trainer.val_check_interval=5: at most the 2 training batches"):
+        check_validation_interval(args, 20000, 128, 1)
+    check_validation_interval({**args, "val_check_interval": 2}, 20000, 128, 1)
+    check_validation_interval({**args, "check_val_every_n_epoch": None}, 20000, 128, 1)  # counts across epochs
+
+
 def test_one_epoch_alone_works_and_the_warmup_cap_is_said():
     optim = build_optim(compose_config("optim.epochs=1"))
     assert optim.warmup == 0.1 and optim.lr_at(0.1 - 1e-9) == pytest.approx(optim.lr)
     assert optim.lr_at(0.1) == pytest.approx(optim.lr, rel=0.03) and optim.lr_at(1) == optim.min_lr
-    assert "optim.warmup_epochs=1 capped at a tenth of optim.epochs=1" in optim.describe()
+    assert "optim.warmup_epochs=1 would take all of optim.epochs=1" in optim.describe()
+    assert build_optim(compose_config("optim.epochs=4")).warmup == 1  # a warmup shorter than the run is kept
     paper = build_optim(compose_config("experiment=t5_identity", "data.root=/x", "optim.epochs=30"))
     assert paper.total_epochs == 40 and "then 10 cooldown ep at min_lr = 40 ep" in paper.describe()
 
