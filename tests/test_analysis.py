@@ -12,6 +12,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from conftest import compose_config
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from nbclient import NotebookClient
@@ -35,7 +36,8 @@ from metaformer_lab.analysis import (
 )
 from metaformer_lab.analysis.__main__ import main
 from metaformer_lab.analysis.plots import label_extents
-from metaformer_lab.analysis.tables import PAPER_COLUMNS, here_columns
+from metaformer_lab.analysis.tables import PAPER_COLUMNS, ROW_AXES, here_columns
+from metaformer_lab.config import build_model, run_axes
 from metaformer_lab.record import RunRecord, write_record
 
 ROOT = Path(__file__).parents[1]
@@ -45,34 +47,49 @@ NOTEBOOKS = [ROOT / "analysis" / "table5.ipynb", ROOT / "analysis" / "main_table
 TOP1 = {"t5_baseline": [0.70, 0.72, 0.74], "t5_identity": [0.65, 0.66], "t5_pool5": [0.71], "main_s12": [0.75],
         "main_s24": [0.78, 0.80]}  # fmt: skip
 MODEL = dict(zip(PAPER["experiment"], PAPER["model"], strict=True))  # each paper row's own model
+# each paper row's axes, as its runs record them (plain types: a record is JSON)
+ROW = {
+    row["experiment"]: {**{axis: row[axis] for axis in ROW_AXES}, "pool_size": int(row["pool_size"]),
+                        "residual": bool(row["residual"]), "mlp": bool(row["mlp"])}
+    for row in PAPER.to_dict("records")
+}  # fmt: skip
 HERE = "shapes 32 px, 20k img, 3 ep"  # the protocol of fake_run's defaults, as a paper table names it
 TOP1_HERE, DELTA_HERE = here_columns(HERE)
 IMAGENET = dict(data="imagenet", image_size=224, train_images=1_281_167, schedule="300+10 ep", epochs=310)
 
 
 def fake_run(root: Path, experiment: str | None, seed: int, top1: float | None = None, status: str = "completed",
-             error: str | None = None, sweep: str = "demo", epochs: int = 3, mixer: str = "pooling",
+             error: str | None = None, sweep: str = "demo", epochs: int = 3, mixer: str | None = None,
              finished_at: str = "2025-01-01T00:00:00", *, model: str = "poolformer_s12", data: str = "shapes",
              image_size: int = 32, train_images: int | None = 20_000, schedule: str | None = None,
-             norm: str = "modified_layernorm", params: int = 11_915_176, macs: int = 1_822_700_000,
-             lr: float | None = None) -> Path:  # fmt: skip
+             norm: str | None = None, params: int = 11_915_176, macs: int = 1_822_700_000,
+             lr: float | None = None, **other_axes: str | int | bool) -> Path:  # fmt: skip
     """A run directory as training leaves it: named by its overrides, with a record and a resolved config.
 
-    `schedule=None`: "<epochs> ep", as training records it; "" for a record older than the field."""
+    The axes (ROW_AXES: `mixer`, `norm`, `pool_size`, ...) are the paper row's of `experiment` (the baseline's
+    without one) unless given. `schedule=None`: "<epochs> ep", as training records it; "" for a record older than the
+    field."""
+    given = {axis: value for axis, value in dict(other_axes, mixer=mixer, norm=norm).items() if value is not None}
+    row = ROW.get(experiment, ROW["t5_baseline"])
+    axes = {**row, **given}
+    mixer, norm = axes["mixer"], axes["norm"]
     config = {
         "seed": seed, "experiment": experiment, "sweep": sweep, "resume": None, "logger": {"wandb": False},
-        "model": {"name": model}, "mixer": {"name": mixer, "pool_size": 3}, "norm": {"name": norm},
-        "optim": {"epochs": epochs, "lr": lr},
+        "model": {"name": model}, "mixer": {"name": mixer, "pool_size": axes["pool_size"]}, "norm": {"name": norm},
+        "act": {"name": axes["act"]}, "optim": {"epochs": epochs, "lr": lr},
         "data": {"name": data, "image_size": image_size, "train_size": train_images, "num_workers": 0, "seed": 0},
         "trainer": {"devices": 1, "precision": "32"},
     }  # fmt: skip
+    # an experiment with other axes (`experiment=t5_identity mixer=pooling`) is another run directory
     overrides = [f"+experiment={experiment}"] if experiment else [f"mixer={mixer}", f"norm={norm}"]
+    overrides += [f"{axis}={value}" for axis, value in given.items() if experiment and value != row[axis]]
     overrides += [f"model={model}"] * (model != "poolformer_s12") + [f"data={data}"] * (data != "shapes")
     overrides += [f"optim.lr={lr}"] * (lr is not None) + [f"optim.epochs={epochs}", f"seed={seed}"]
     run_dir = root / sweep / ",".join(overrides)
     write_record(run_dir, RunRecord(
         status=status, error=error, run_dir=str(run_dir), model=model, mixer=mixer,
-        mixer_stages=[mixer] * 4, pool_size=3, norm=norm, act="gelu", seed=seed, data=data,
+        mixer_stages=mixer.split(",") if "," in mixer else [mixer] * 4, pool_size=axes["pool_size"], norm=norm,
+        act=axes["act"], residual=axes["residual"], mlp=axes["mlp"], seed=seed, data=data,
         image_size=image_size, experiment=experiment, sweep=sweep, params=params, frozen_params=0, macs=macs,
         best_val_top1=top1, best_val_top5=None if top1 is None else top1 + 0.2, final_val_top1=top1, epochs=epochs,
         steps=30 * epochs, finished_at=finished_at, config=config, train_images=train_images,
@@ -387,6 +404,39 @@ def test_every_paper_row_names_its_experiments_model():
         assert f"override /model: {row.model}" in (ROOT / "conf" / "experiment" / f"{row.experiment}.yaml").read_text()
 
 
+def test_every_paper_rows_axes_are_its_experiments():
+    # the config is the truth: a row's axes in paper_results.csv are those `python run.py experiment=<name>` records
+    written = pd.read_csv(ROOT / "metaformer_lab" / "analysis" / "paper_results.csv", dtype=str, keep_default_na=False)
+    for row in written.to_dict("records"):
+        cfg = compose_config(f"experiment={row['experiment']}", "data.root=/x")
+        axes = run_axes(cfg, build_model(cfg, 1000, device="meta"))
+        expected = {axis: str(axes[axis]).lower() if isinstance(axes[axis], bool) else str(axes[axis])
+                    for axis in ROW_AXES}  # fmt: skip
+        assert {axis: row[axis] for axis in ROW_AXES} == expected, row["experiment"]
+
+
+def test_a_run_of_another_ablation_is_left_out_of_the_row_and_noted(tmp_path):
+    fake_run(tmp_path, "t5_identity", 0, 0.60)
+    fake_run(tmp_path, "t5_identity", 0, 0.90, mixer="pooling")  # `run.py experiment=t5_identity mixer=pooling`
+    fake_run(tmp_path, "t5_identity", 1, 0.90, mixer="pooling")
+    fake_run(tmp_path, "t5_pool5", 0, 0.90, pool_size=3, norm="layernorm")
+    fake_run(tmp_path, "t5_ppaa", 0, 0.81)  # per-stage mixers, and a per-stage residual in another run below
+    fake_run(tmp_path, "t5_nomlp", 0, 0.05, status="failed", error="OOM", residual="true,true,false,true")
+    runs = collect_runs(tmp_path)
+    assert runs["residual"].tolist().count("true") == 5  # the per-stage run makes the column strings
+    numbers = compare_to_paper(runs).set_index("experiment")
+    assert numbers.loc["t5_identity", "n"] == 1 and numbers.loc["t5_identity", "top1_here"] == pytest.approx(60.0)
+    assert numbers.loc["t5_pool5", "n"] == 0 and numbers.loc["t5_ppaa", "n"] == 1
+    assert numbers.loc["t5_nomlp", "problems"] == ""  # not this row's run, so not this row's failure
+    assert numbers.attrs["notes"] == [
+        "t5_identity: 2 runs left out: trained mixer=pooling, the row is mixer=identity",
+        "t5_nomlp: 1 run left out: trained residual=true,true,false,true, the row is residual=true",
+        "t5_pool5: 1 run left out: trained pool_size=3, norm=layernorm, the row is pool_size=5, "
+        "norm=modified_layernorm",
+    ]  # fmt: skip
+    assert paper_table(runs).set_index("Variant").loc["Pooling → Identity mapping", TOP1_HERE] == "60.0 (n=1)"
+
+
 def test_cli_writes_the_table_and_its_files(runs_root, tmp_path, capsys):
     assert main([str(runs_root), "--out", str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()
@@ -483,3 +533,14 @@ def test_axes_that_vary_by_stage_are_kept_as_strings(tmp_path):
     assert sorted(df["residual"]) == ["true", "true,true,false,true"]
     assert sorted(df["pool_size"]) == ["3", "3,5,3,3"]
     assert len(aggregate_seeds(df)) == 2 and len(axis_table(df, axis="residual")) == 2
+
+
+def test_a_point_is_named_after_its_experiment_only_if_it_trained_that_row(tmp_path):
+    from metaformer_lab.analysis.plots import point_labels
+
+    fake_run(tmp_path, "t5_identity", 0, 0.6)
+    fake_run(tmp_path, "t5_identity", 0, 0.7, mixer="pooling")  # the identity row's name, another mixer
+    fake_run(tmp_path, None, 0, 0.5, mixer="dwconv")
+    agg = aggregate_seeds(collect_runs(tmp_path))
+    labels = dict(zip(agg["top1_mean_pct"].round(), point_labels(agg), strict=True))
+    assert labels[60] == "identity" and labels[70] == "pooling" and labels[50] == "dwconv"

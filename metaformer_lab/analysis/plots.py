@@ -23,7 +23,7 @@ from matplotlib.text import Annotation, Text
 from matplotlib.ticker import FuncFormatter
 
 from metaformer_lab.analysis.collect import aggregate_seeds, protocol_label
-from metaformer_lab.analysis.tables import protocol_blocks
+from metaformer_lab.analysis.tables import protocol_blocks, trained_their_rows
 
 MARKERS = "osD^vPX*h<>"
 # the axes a point label may name; the data and image size are the legend's (model: where a series holds one)
@@ -306,10 +306,10 @@ def point_labels(agg: pd.DataFrame, series: Sequence[str] | None = None) -> list
     in which their run names differ. `series`: what each row is plotted in (default: its protocol)."""
     series = pd.Series(agg["protocol"] if series is None else list(series), index=agg.index).fillna("")
     varying = label_axes(agg, series)
+    named = trained_their_rows(agg)  # `experiment=t5_identity mixer=pooling` is not "identity"
     labels = pd.Series([
-        _short(run["experiment"]) if isinstance(run["experiment"], str)
-        else ", ".join(_axis_value(axis, run[axis]) for axis in varying)
-        for _, run in agg.iterrows()
+        _short(run["experiment"]) if named[i] else ", ".join(_axis_value(axis, run[axis]) for axis in varying)
+        for i, run in agg.iterrows()
     ], index=agg.index, dtype=object)  # fmt: skip
     for _, same in labels.groupby([series, labels]):
         if len(same) > 1:  # e.g. another learning rate: the override items not common to these runs' names
@@ -321,8 +321,8 @@ def point_labels(agg: pd.DataFrame, series: Sequence[str] | None = None) -> list
 
 
 def label_axes(agg: pd.DataFrame, series: pd.Series) -> list[str]:
-    """The LABEL_AXES that vary within a series among the configurations without an experiment."""
-    sweep = agg[agg["experiment"].isna()]
+    """The LABEL_AXES that vary within a series among the configurations not labelled by their paper row."""
+    sweep = agg[~trained_their_rows(agg)]
     return [axis for axis in LABEL_AXES if sweep.groupby(series[sweep.index])[axis].nunique().gt(1).any()]
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections import Counter
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import pandas as pd
 
@@ -19,6 +21,9 @@ from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds, protoc
 
 TABLES = ("table5", "main")
 DASH = "—"  # no result here (yet)
+# what a paper row trained, as the record names it (paper_results.csv has a column each): a run of the row's
+# experiment with other values (`experiment=t5_identity mixer=pooling`) trained another ablation
+ROW_AXES = ("mixer", "pool_size", "norm", "act", "residual", "mlp")
 # the columns without runs; with runs, the two "here" columns are repeated per protocol, named by `here_columns`
 PAPER_COLUMNS = ["Ablation", "Variant", "Params (M)", "MACs (G)", "Top-1 paper (%)",
                  "Top-1 here (%, mean ± std, n)", "Δ vs baseline here", "Δ vs baseline in the paper"]  # fmt: skip
@@ -49,17 +54,18 @@ def compare_to_paper(df: pd.DataFrame, table: str = "table5") -> pd.DataFrame:
     PoolFormer-S12), of the same protocol. Params and MACs are ours where the row has runs, else the paper's
     (`cost_from` says which). Should one experiment have runs of several configurations within a protocol (e.g.
     another learning rate), the one trained for most epochs, then with most seeds, is shown and the choice is noted in
-    `attrs["notes"]`; filter `df` first to choose another.
+    `attrs["notes"]`; filter `df` first to choose another. A run whose axes (ROW_AXES) differ from its row's trained
+    another ablation (`experiment=t5_identity mixer=pooling`): it is left out, and `attrs["notes"]` says so.
     """
     paper = paper_results(table)
     model_of = dict(zip(paper["experiment"], paper["model"], strict=True))
-    runs = df[df["experiment"].isin(model_of)]
+    notes: list[str] = []
+    runs = _row_runs(df[df["experiment"].isin(model_of)], paper, notes)
     runs = runs.assign(here=_paper_protocols(runs, model_of))
     agg = aggregate_seeds(runs)
     agg["here"] = _paper_protocols(agg, model_of)
     completed, total = agg.groupby("here")["n"].sum(), runs["here"].value_counts()
     protocols = sorted(total.index, key=lambda label: (-completed.get(label, 0), -total[label], label))
-    notes: list[str] = []
     if len(protocols) > 1:
         counts = ", ".join(f"{label!r} ({completed.get(label, 0)} completed)" for label in protocols)
         notes.append(f"runs of {len(protocols)} protocols, each compared with the paper on its own: {counts}")
@@ -68,6 +74,59 @@ def compare_to_paper(df: pd.DataFrame, table: str = "table5") -> pd.DataFrame:
     out = pd.concat(blocks, ignore_index=True)
     out.attrs.update(table=table, notes=notes, protocols=protocols)
     return out
+
+
+def _axis_value(value: Any) -> str | None:
+    """An axis value as one comparable string: True, "True" and "true" -> "true"; 3, 3.0, "3" -> "3"; per stage
+    "a,b,c,d" as is, or the one value where all stages agree; None where unknown (a record from an older writer)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    if pd.api.types.is_bool(value):
+        value = str(bool(value))
+    elif pd.api.types.is_float(value) and float(value).is_integer():
+        value = int(value)
+    stages = [part.strip().lower() for part in str(value).split(",")]
+    if not any(stages):
+        return None
+    return stages[0] if len(set(stages)) == 1 else ",".join(stages)
+
+
+def _row_runs(runs: pd.DataFrame, paper: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """The runs that trained their paper row's ablation: the others are left out, and a note says what they trained.
+
+    An axis the run does not record (NaN, "") cannot be checked: the run is kept, and a note names the axis."""
+    row_of = paper.set_index("experiment")
+    keep: list[bool] = []
+    left_out: Counter[tuple[str, str]] = Counter()  # (experiment, what differs): runs
+    unchecked: Counter[tuple[str, str]] = Counter()  # (experiment, axes not recorded): runs
+    for run in runs.to_dict("records"):
+        row = row_of.loc[run["experiment"]]
+        differ, unknown = [], []
+        for axis in ROW_AXES:
+            ours, theirs = _axis_value(run.get(axis)), _axis_value(row[axis])
+            if ours is None:
+                unknown.append(axis)
+            elif ours != theirs:
+                differ.append((axis, ours, theirs))
+        keep.append(not differ)
+        if differ:
+            trained = ", ".join(f"{axis}={ours}" for axis, ours, _ in differ)
+            row_is = ", ".join(f"{axis}={theirs}" for axis, _, theirs in differ)
+            left_out[run["experiment"], f"trained {trained}, the row is {row_is}"] += 1
+        elif unknown:
+            unchecked[run["experiment"], ", ".join(unknown)] += 1
+    for (experiment, why), n in left_out.items():
+        notes.append(f"{experiment}: {n} run{'s' * (n != 1)} left out: {why}")
+    for (experiment, axes), n in unchecked.items():
+        notes.append(f"{experiment}: {n} run{'s' * (n != 1)} without {axes} recorded: counted, unchecked")
+    return runs.loc[keep]  # .loc: an empty list is no rows, not no columns
+
+
+def trained_their_rows(agg: pd.DataFrame) -> pd.Series:
+    """Per configuration: does it carry a paper row's experiment and that row's axes (so the row's name fits it)?"""
+    paper = _paper_csv()
+    named = agg[agg["experiment"].isin(paper["experiment"])]
+    return agg.index.to_series().isin(_row_runs(named, paper, []).index)
 
 
 def _paper_protocols(frame: pd.DataFrame, model_of: dict[str, str]) -> list[str]:
