@@ -87,6 +87,7 @@ def route_library_output() -> None:
             logger = logging.getLogger(name)
             logger.handlers.clear()
             logger.propagate = True
+        logging.captureWarnings(True)  # Lightning's warnings too belong in run.log
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if _not_noise not in logger.filters:
