@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from metaformer_lab.config import check_sweep_launch, per_stage_groups, register_resolvers
+from metaformer_lab.config import check_group_syntax, check_sweep_launch, per_stage_groups, register_resolvers
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import discard_unstarted_run, train
 
@@ -41,4 +41,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        check_group_syntax(sys.argv[1:])
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     main()

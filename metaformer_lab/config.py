@@ -71,6 +71,19 @@ def per_stage_groups(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+# groups chosen in the defaults list (conf/config.yaml), so that `debug` can override an `experiment` and both a sweep
+OPTIONAL_GROUPS = ("sweep", "experiment", "debug")
+
+
+def check_group_syntax(args: Sequence[str]) -> None:
+    """`+experiment=x` was the way to pick a paper row before these groups joined the defaults list; Hydra now
+    answers it with "Multiple values for experiment", which does not say what to type instead."""
+    for arg in args:
+        group, _, value = arg.partition("=")
+        if group.lstrip("+") in OPTIONAL_GROUPS and group.startswith("+"):
+            raise ConfigError(group, value, f"choose it without '+': {group.lstrip('+')}={value}")
+
+
 def _axis_choice(cfg: DictConfig, group: str) -> Any:
     stages = _plain(cfg[group].stages)
     return stages if stages is not None else cfg[group].name

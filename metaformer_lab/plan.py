@@ -1,6 +1,6 @@
 """What a run or sweep will cost, before it starts: runs, their state, and time from measured throughput.
 
-    python -m metaformer_lab.plan +sweep=table5_mixers seed=0,1,2 data=shapes optim.epochs=30
+    python -m metaformer_lab.plan sweep=table5_mixers seed=0,1,2 data=shapes optim.epochs=30
 
 Takes the same overrides as `python run.py -m`, expands the sweep as Hydra's basic sweeper does, checks every
 run's config (an error stops the plan before anything is measured), looks for each run's directory (completed runs
@@ -31,6 +31,7 @@ from metaformer_lab.config import (
     build_datamodule,
     build_model,
     build_optim,
+    check_group_syntax,
     device_count,
     model_arguments,
     per_stage_groups,
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     device = torch.device(args.device)
     try:
+        check_group_syntax(args.overrides)
         jobs = check_jobs(args.overrides)
     except (ConfigError, HydraException) as error:
         parser.exit(2, f"error: {error}\n")

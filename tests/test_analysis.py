@@ -233,7 +233,7 @@ def test_protocol_labels_name_data_size_images_model_and_schedule(tmp_path):
 
 
 def test_two_protocols_give_a_column_pair_each_named_and_with_its_own_baseline(tmp_path):
-    # Table 5 on ImageNet with S12, and `+sweep=table5_mixers model=small optim.epochs=1` on shapes
+    # Table 5 on ImageNet with S12, and `sweep=table5_mixers model=small optim.epochs=1` on shapes
     for seed, (base, identity) in enumerate([(0.770, 0.745), (0.774, 0.741), (0.772, 0.743)]):
         fake_run(tmp_path, "t5_baseline", seed, base, sweep="imagenet", **IMAGENET)
         fake_run(tmp_path, "t5_identity", seed, identity, sweep="imagenet", **IMAGENET)

@@ -102,6 +102,8 @@ def test_bad_settings_name_key_value_and_choices(override, key, words):
         ("+trainer.fast_dev_rn=true", "error: trainer.fast_dev_rn=True: not an argument of lightning.Trainer"),
         # the form Hydra suggests for a missing key: the key exists now, and Hydra says how to set it
         ("+trainer.fast_dev_run=true", "Either remove + prefix: 'trainer.fast_dev_run=true'"),
+        # the form of earlier versions: said plainly, instead of Hydra's "Multiple values for experiment"
+        ("+experiment=t5_identity", "error: +experiment='t5_identity': choose it without '+': experiment=t5_identity"),
     ],
 )
 def test_bad_overrides_fail_before_training_without_a_traceback(tmp_path, override, message):

@@ -25,12 +25,12 @@ def _rows(sweep: str) -> list[str]:
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_sweep_expands_to_its_rows_and_its_wandb_twin_matches(sweep):
-    jobs = expand_sweep([f"+sweep={sweep}", "seed=0,1"])
+    jobs = expand_sweep([f"sweep={sweep}", "seed=0,1"])
     rows = _rows(sweep)
     assert len(jobs) == 2 * len(rows)
     assert {o for job in jobs for o in job if o.startswith("experiment=")} == {f"experiment={r}" for r in rows}
     twin = yaml.safe_load((ROOT / "sweeps" / "wandb" / f"{sweep}.yaml").read_text())
-    assert twin["parameters"]["experiment"]["values"] == rows and twin["parameters"]["+sweep"]["value"] == sweep
+    assert twin["parameters"]["experiment"]["values"] == rows and twin["parameters"]["sweep"]["value"] == sweep
     assert "${args_no_hyphens}" in twin["command"]
 
 

@@ -224,7 +224,7 @@ def test_wandb_offline_run_has_the_axes_in_its_config(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no key configured: offline by default
     snapshot = _WandbSnapshot()
     cfg = compose_config(
-        *QUICK, "optim.epochs=1", "logger=wandb", "mixer=identity", "norm=batchnorm", "+sweep=table5_act"
+        *QUICK, "optim.epochs=1", "logger=wandb", "mixer=identity", "norm=batchnorm", "sweep=table5_act", "data=shapes"
     )
     record = train(cfg, tmp_path, callbacks=[snapshot])
     runs = list((tmp_path / "wandb").glob("offline-run-*"))

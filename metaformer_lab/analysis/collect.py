@@ -186,7 +186,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _without_seed(name: str) -> str:
-    """A Hydra run directory name (`+experiment=t5_identity,optim.epochs=3,seed=1`) without its seed item."""
+    """A Hydra run directory name (`experiment=t5_identity,optim.epochs=3,seed=1`) without its seed item."""
     return ",".join(item for item in str(name).split(",") if not item.startswith("seed="))
 
 
