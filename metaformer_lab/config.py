@@ -206,6 +206,19 @@ def trainer_arguments(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
     return trainer
 
 
+def limited_batches(batches: int, limit: int | float | None) -> int:
+    """Batches Lightning runs of a loader of `batches` under `limit_*_batches`: a fraction, a count or None (all)."""
+    if limit is None:
+        return batches
+    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+
+
+def train_batches_per_epoch(trainer: Mapping[str, Any], train_images: int, batch_size: int, world_size: int) -> int:
+    """Training batches of an epoch on each device: floor(train_images / world) images (the sampler), in whole
+    batches (drop_last), under `limit_train_batches`."""
+    return limited_batches(train_images // world_size // batch_size, trainer.get("limit_train_batches"))
+
+
 def check_validation_interval(trainer: Mapping[str, Any], train_images: int, batch_size: int, world_size: int) -> None:
     """Lightning checks an integer `val_check_interval` against the epoch's batches only inside `fit`, after the run
     has started; this is the same check before it, as a ConfigError."""
@@ -214,9 +227,7 @@ def check_validation_interval(trainer: Mapping[str, Any], train_images: int, bat
         return
     if trainer.get("check_val_every_n_epoch", 1) is None:  # then the interval counts batches across epochs
         return
-    batches = train_images // world_size // batch_size  # per rank, incomplete batches dropped
-    limit = trainer.get("limit_train_batches")
-    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit) if limit is not None else batches
+    batches = train_batches_per_epoch(trainer, train_images, batch_size, world_size)
     if interval > batches:
         raise ConfigError("trainer.val_check_interval", interval,
                           f"at most the {batches} training batches of an epoch, or a fraction of an epoch (0.5)")

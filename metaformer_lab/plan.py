@@ -33,11 +33,13 @@ from metaformer_lab.config import (
     build_optim,
     check_group_syntax,
     device_count,
+    limited_batches,
     model_arguments,
     per_stage_groups,
     register_resolvers,
     run_name,
     schedule_label,
+    train_batches_per_epoch,
     trainer_arguments,
 )  # fmt: skip
 from metaformer_lab.module import OptimSettings
@@ -103,13 +105,6 @@ def compose_job(job: list[str]) -> tuple[DictConfig, str, DictConfig | None]:
     return per_stage_groups(cfg, job), run_dir, params
 
 
-def _limited(batches: int, limit: int | float | None) -> int:
-    """Batches Lightning runs of a loader of `batches` under `limit_*_batches`: a fraction, a count or None (all)."""
-    if limit is None:
-        return batches
-    return min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-
-
 def count_work(
     trainer: Mapping[str, Any], optim: OptimSettings, batch_size: int, world: int,
     sizes: tuple[int | None, int | None], done_epochs: int = 0,
@@ -123,8 +118,7 @@ def count_work(
     train, val = sizes
     if train is None or val is None:
         return None
-    # each device gets floor(train / world) images (sampler), in whole batches (drop_last)
-    per_epoch = _limited(train // world // batch_size, trainer.get("limit_train_batches"))
+    per_epoch = train_batches_per_epoch(trainer, train, batch_size, world)
     steps_per_epoch = math.ceil(per_epoch / accumulate)  # an epoch's last micro-batches still make a step
     if not steps_per_epoch:
         return Work(optim.total_epochs - done_epochs, 0, 0, 0)
@@ -149,7 +143,7 @@ def count_work(
         if partial and (done_epochs + full + 1) % every == 0:
             passes += partial // check
     per_device = math.ceil(val / world)  # not dropped: the sampler pads the last one
-    val_batches = _limited(math.ceil(per_device / batch_size), trainer.get("limit_val_batches"))
+    val_batches = limited_batches(math.ceil(per_device / batch_size), trainer.get("limit_val_batches"))
     val_images = min(val_batches * batch_size, per_device) * passes
     return Work(full + rest / steps_per_epoch, steps, batches * batch_size, val_images)
 

@@ -119,7 +119,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     resuming = ckpt_path is not None and previous is not None
     if resuming:
         record.started_at, record.wandb_id = previous.started_at, previous.wandb_id
-    trainer, history, throughput, wandb = _build_trainer(cfg, run_dir, record, trainer_args, callbacks, resuming)
+    trainer, history, throughput, wandb = _build_trainer(cfg, run_dir, record, optim, trainer_args, callbacks, resuming)
     record.world_size = trainer.world_size
     check_validation_interval(trainer_args, record.train_images, cfg.data.batch_size, trainer.world_size)
     device = trainer.strategy.root_device
@@ -212,8 +212,8 @@ def _log_start(cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer
 
 
 def _build_trainer(
-    cfg: DictConfig, run_dir: Path, record: RunRecord, trainer_args: dict, callbacks: Sequence[L.Callback],
-    resuming: bool,
+    cfg: DictConfig, run_dir: Path, record: RunRecord, optim: OptimSettings, trainer_args: dict,
+    callbacks: Sequence[L.Callback], resuming: bool,
 ) -> tuple[L.Trainer, ValidationHistory, TrainThroughput, WandbLogger | None]:  # fmt: skip
     # a resumed run logs to a folder of its own: Lightning's CSVLogger deletes the metrics.csv it finds
     segment = f"resume-{len(list(run_dir.glob('csv/resume-*'))) + 1}" if resuming else ""
@@ -223,10 +223,9 @@ def _build_trainer(
         loggers.append(wandb)
     history, throughput = ValidationHistory(), TrainThroughput()
     checkpoints = run_dir / "checkpoints"
-    optim = cfg.optim
     arguments = dict(
         dict(num_sanity_val_steps=0, enable_model_summary=False), **trainer_args,  # defaults a user can change
-        max_epochs=optim.epochs + optim.cooldown_epochs, gradient_clip_val=optim.grad_clip, default_root_dir=run_dir,
+        max_epochs=optim.total_epochs, gradient_clip_val=optim.grad_clip, default_root_dir=run_dir,
         logger=loggers, use_distributed_sampler=False,
         callbacks=[
             ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False),

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from metaformer_lab.data.shapes import CLASS_NAMES, ShapesDataset
+from metaformer_lab.data.shapes import CLASS_NAMES, MAX_DISTRACTORS, ShapesDataset
 from metaformer_lab.registry import ConfigError, Registry
 
 DATASETS: Registry[type[L.LightningDataModule]] = Registry("data")
@@ -90,8 +90,8 @@ class ShapesDataModule(ImageDataModule):
         _check("data.train_size", train_size, isinstance(train_size, int) and train_size >= batch_size,
                f"at least one batch (data.batch_size={batch_size})")  # fmt: skip
         _check("data.val_size", val_size, isinstance(val_size, int) and val_size >= 1, "a positive whole number")
-        _check("data.max_distractors", max_distractors, isinstance(max_distractors, int) and 0 <= max_distractors <= 14,
-               "0 to 14 other shapes per image")  # fmt: skip
+        ok = isinstance(max_distractors, int) and 0 <= max_distractors <= MAX_DISTRACTORS
+        _check("data.max_distractors", max_distractors, ok, f"0 to {MAX_DISTRACTORS} other shapes per image")
         self.train_size, self.val_size, self.seed, self.max_distractors = train_size, val_size, seed, max_distractors
 
     def split_sizes(self) -> tuple[int | None, int | None]:

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from metaformer_lab.registry import ConfigError
 
 GRID = 4  # cells per side
+MAX_DISTRACTORS = GRID * GRID - 2  # the cells the square and the disc leave free
 CHUNK_SIZE = 1000  # a multiple of the class count, so every full chunk is exactly balanced
 LEVELS = 4  # intensity levels per channel: a palette of 4**3 colours, coded as 2 bits per channel
 LINE_WIDTH = 0.35  # half-width of cross and bar lines, and width of frame sides, as a fraction of the half-size
@@ -78,9 +79,8 @@ def _check_arguments(
     size_ok = _is_int(image_size) and 16 <= image_size <= 512 and image_size % 8 == 0
     _check("image_size", image_size, size_ok, "a multiple of 8 between 16 and 512")
     _check("seed", seed, _is_int(seed) and seed >= 0, "an integer >= 0")
-    free_cells = GRID * GRID - 2
-    ok = _is_int(max_distractors) and 0 <= max_distractors <= free_cells
-    _check("max_distractors", max_distractors, ok, f"an integer between 0 and {free_cells} (the free grid cells)")
+    ok = _is_int(max_distractors) and 0 <= max_distractors <= MAX_DISTRACTORS
+    _check("max_distractors", max_distractors, ok, f"an integer between 0 and {MAX_DISTRACTORS} (the free grid cells)")
     _check("noise", noise, _is_int(noise) and 0 <= noise <= 127, "an integer between 0 and 127")
     ok = isinstance(object_size, (tuple, list)) and len(object_size) == 2
     ok = ok and all(isinstance(bound, numbers.Real) for bound in object_size)
