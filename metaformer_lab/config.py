@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaformer_lab.data.datamodules import DATASETS
 from metaformer_lab.models import MetaFormer, create_model
-from metaformer_lab.module import OptimSettings
 from metaformer_lab.registry import ConfigError
+from metaformer_lab.training.module import OptimSettings
 
 # where each MetaFormer argument comes from in the config, to name it in errors
 _MIXER_KEYS = ("pool_size", "kernel_size", "head_dim")

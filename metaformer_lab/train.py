@@ -25,7 +25,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from metaformer_lab.callbacks import ResumableRng, TrainThroughput, ValidationHistory
 from metaformer_lab.config import (
     accumulation,
     build_datamodule,
@@ -37,11 +36,12 @@ from metaformer_lab.config import (
     schedule_label,
     trainer_arguments,
 )
-from metaformer_lab.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.models import measure_cost
-from metaformer_lab.module import DivergedError, ImageClassifier, OptimSettings
 from metaformer_lab.record import FINAL, NON_RESULT_KEYS, RECORD_NAME, RunRecord, read_record, write_record
 from metaformer_lab.registry import ConfigError
+from metaformer_lab.training.callbacks import ResumableRng, TrainThroughput, ValidationHistory
+from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
+from metaformer_lab.training.module import DivergedError, ImageClassifier, OptimSettings
 
 log = logging.getLogger(__name__)
 

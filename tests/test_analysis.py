@@ -488,7 +488,7 @@ def test_wandb_offline_fails_clearly_and_runs_read_into_the_schema(monkeypatch):
 def test_analysis_imports_no_training_code():
     code = (
         "import sys, metaformer_lab.analysis, metaformer_lab.analysis.__main__\n"
-        "bad = ('lightning', 'hydra', 'omegaconf', 'torch', 'wandb', 'metaformer_lab.train', 'metaformer_lab.module',"
+        "bad = ('lightning', 'hydra', 'omegaconf', 'torch', 'wandb', 'metaformer_lab.train', 'metaformer_lab.training',"
         " 'metaformer_lab.config', 'metaformer_lab.models')\n"
         "print([m for m in sys.modules if m.startswith(bad)])"
     )

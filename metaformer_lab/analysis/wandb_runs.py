@@ -1,7 +1,7 @@
 """Runs from Weights & Biases instead of run directories, in the DataFrame schema of `collect_runs`.
 
 wandb is imported only here and only when called: the rest of analysis works without it and without a network.
-What training puts there (metaformer_lab/loggers.py, train.py `_finish_wandb`): the flat axes, params, macs and the
+What training puts there (training/loggers.py, train.py `_finish_wandb`): the flat axes, params, macs and the
 resolved config at the top of the run config; params, macs, best_val_top1 and status in the summary.
 """
 

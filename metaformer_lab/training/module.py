@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from metaformer_lab.mixing import mix_batch
 from metaformer_lab.registry import ConfigError
+from metaformer_lab.training.mixing import mix_batch
 
 
 class DivergedError(RuntimeError):
