@@ -183,7 +183,8 @@ _RUN_SETS = {
     "default_root_dir": "the run directory", "enable_checkpointing": "the run (last.ckpt, best.ckpt)",
     "use_distributed_sampler": "the data module (its sampler is seeded by `seed`)",
 }  # fmt: skip
-_OUR_TRAINER_KEYS = ("compile", "channels_last")  # not Lightning's: applied to the model by the run
+_OUR_TRAINER_KEYS = ("compile", "channels_last", "dist_bn")  # not Lightning's: applied by the run
+DIST_BN = ("reduce", "broadcast", "none")
 
 
 def trainer_arguments(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
@@ -200,6 +201,8 @@ def trainer_arguments(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
             settable = [p for p in valid if p not in _RUN_SETS] + list(_OUR_TRAINER_KEYS)
             raise ConfigError(f"trainer.{key}", value, "not an argument of lightning.Trainer; valid: "
                               + ", ".join(settable))  # fmt: skip
+    if trainer["dist_bn"] not in DIST_BN:
+        raise ConfigError("trainer.dist_bn", trainer["dist_bn"], DIST_BN)
     for key in _OUR_TRAINER_KEYS:
         trainer.pop(key)
     trainer["accumulate_grad_batches"] = accumulate

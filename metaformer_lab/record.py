@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: schedule, train_images, accelerator, device_name, precision, world_size
+SCHEMA_VERSION = 3  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -50,6 +50,9 @@ class RunRecord:
     # as planned: "12 ep", "300+10 ep" (+ cooldown), "12 ep, max 20 steps", "12 ep, 10% batches", "fast_dev_run"
     schedule: str = ""
     train_images: int | None = None  # size of the training set
+    # images a loader could not decode, skipped (not trained on, not counted in top-1): per split, and their paths
+    unreadable_images: dict[str, int] = field(default_factory=dict)
+    unreadable_paths: list[str] = field(default_factory=list)  # the first 100
     # where it ran
     accelerator: str = ""  # "cpu" or "gpu", as resolved (trainer.accelerator=auto picks one)
     device_name: str = ""  # e.g. "cpu" or "NVIDIA H100 80GB HBM3"

@@ -39,7 +39,13 @@ from metaformer_lab.config import (
 from metaformer_lab.models import measure_cost
 from metaformer_lab.record import FINAL, NON_RESULT_KEYS, RECORD_NAME, RunRecord, read_record, write_record
 from metaformer_lab.registry import ConfigError
-from metaformer_lab.training.callbacks import ResumableRng, TrainThroughput, ValidationHistory
+from metaformer_lab.training.callbacks import (
+    ResumableRng,
+    ShareBatchNormStats,
+    TrainThroughput,
+    UnreadableImages,
+    ValidationHistory,
+)
 from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.training.module import DivergedError, ImageClassifier, OptimSettings
 
@@ -137,7 +143,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     if cfg.trainer.compile:  # true (inductor) or a backend name; in place, so checkpoint keys stay the plain model's
         model.compile(backend="inductor" if cfg.trainer.compile is True else cfg.trainer.compile)
     channels_last = resolve_device(cfg.trainer)["channels_last"]
-    module = ImageClassifier(model, optim, datamodule.num_classes, channels_last=channels_last)
+    module = ImageClassifier(model, optim, datamodule.num_classes, channels_last, datamodule.random_erasing)
     status, error = "failed", "stopped by an unexpected signal"  # replaced below on every ordinary exit
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -183,6 +189,8 @@ def end_line(record: RunRecord) -> str:
     reason = f" ({record.error})" if record.error and record.status != "completed" else ""
     took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
     took = f"{record.epochs} ep / {record.steps} steps in {took}"
+    if skipped := sum(record.unreadable_images.values()):
+        took += f", {skipped} unreadable image{'s' * (skipped > 1)} skipped (listed in the record)"
     return f"{record.status}{reason}: {result}, {took}; record {shown_path(Path(record.run_dir) / RECORD_NAME)}"
 
 
@@ -231,7 +239,8 @@ def _build_trainer(
             ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False),
             # every epoch, new best or not: Lightning 2.6's save_last only writes along with a new best
             ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
-            history, throughput, ResumableRng(), *callbacks,
+            history, throughput, ResumableRng(), ShareBatchNormStats(cfg.trainer.dist_bn), UnreadableImages(),
+            *callbacks,
         ],
     )  # fmt: skip
     try:
@@ -271,6 +280,10 @@ def _finish_wandb(logger: WandbLogger, record: RunRecord) -> None:
 def _summarize(record: RunRecord, trainer: L.Trainer, history: ValidationHistory, speed: TrainThroughput) -> None:
     record.epochs, record.steps = trainer.current_epoch, trainer.global_step
     record.train_throughput_img_s = speed.images_per_second
+    unreadable = next(c for c in trainer.callbacks if isinstance(c, UnreadableImages))
+    if datamodule := trainer.datamodule:
+        record.unreadable_images = unreadable.counts(datamodule)
+        record.unreadable_paths = unreadable.paths(datamodule)
     if history.history:
         best, final = history.best(), history.history[-1]
         record.best_val_top1, record.best_val_top5 = best["top1"], best["top5"]

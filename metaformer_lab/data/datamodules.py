@@ -1,18 +1,29 @@
 """LightningDataModules, one per `data=` choice, registered by name.
 
 Images travel as uint8 and are normalized after the transfer to the device, so loading stays cheap.
+Unreadable images (label `-1 - index`, see imagefolder.py) are dropped from their batch before the transfer,
+logged once by path and counted in `unreadable`, which the run record reports.
 Every loader uses a `DistributedSampler` seeded by the run's seed and re-shuffled per epoch: the same order on one
 device or many, and a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import logging
+import random
+
 import lightning as L
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from metaformer_lab.data.erasing import RandomErasing
+from metaformer_lab.data.randaugment import RandAugment
 from metaformer_lab.data.shapes import CLASS_NAMES, MAX_DISTRACTORS, ShapesDataset
 from metaformer_lab.registry import ConfigError, Registry
+
+log = logging.getLogger(__name__)
 
 DATASETS: Registry[type[L.LightningDataModule]] = Registry("data")
 VAL_SEED_OFFSET = 1_000_003  # validation images come from a disjoint seed stream
@@ -24,14 +35,29 @@ def _check(key: str, value: object, ok: bool, expected: str) -> None:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Shared loading: per-rank sampler, uint8 -> normalized float on the device."""
+    """Shared loading: per-rank sampler, unreadable images dropped, uint8 -> normalized float on the device.
+
+    `rand_augment` (a timm policy string, per image in the loader) and `random_erasing` (a probability, per image of
+    the batch on the device, after mixup: the module applies `self.random_erasing`) are the paper recipe's
+    augmentations; both are off unless set.
+    """
 
     num_classes: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-    def __init__(self, image_size: int, batch_size: int, num_workers: int, shuffle_seed: int, crop_pct: float) -> None:
+    def __init__(
+        self, image_size: int, batch_size: int, num_workers: int, shuffle_seed: int, crop_pct: float,
+        rand_augment: str | None, random_erasing: float,
+    ) -> None:  # fmt: skip
         super().__init__()
+        if rand_augment is not None:
+            RandAugment.parse(rand_augment)  # its errors now, before any data is read
+        self.rand_augment = rand_augment
+        is_number = isinstance(random_erasing, int | float) and not isinstance(random_erasing, bool)
+        _check("data.random_erasing", random_erasing, is_number and 0 <= random_erasing <= 1, "a probability in [0, 1]")
+        self.random_erasing = RandomErasing(random_erasing) if random_erasing > 0 else None
+        self.unreadable: dict[str, set[int]] = {"train": set(), "val": set()}  # dataset indices, per split
         _check("data.image_size", image_size, isinstance(image_size, int) and image_size >= 32 and image_size % 8 == 0,
                "a multiple of 8, at least 32")  # fmt: skip
         _check("data.batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "a positive integer")
@@ -61,6 +87,23 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, train=False)
 
+    def sample_path(self, split: str, index: int) -> str:
+        """Where sample `index` of a split comes from, for the log of unreadable images."""
+        return f"{split} image {index}"
+
+    def on_before_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
+        images, labels = batch
+        bad = labels < 0  # on the CPU, before the transfer: no device sync
+        if not bad.any():
+            return batch
+        split = "train" if self.trainer is not None and self.trainer.training else "val"
+        for index in (-1 - labels[bad]).tolist():
+            if index not in self.unreadable[split]:
+                self.unreadable[split].add(index)
+                log.warning("skipped unreadable image %s (%d in %s so far)", self.sample_path(split, index),
+                            len(self.unreadable[split]), split)  # fmt: skip
+        return images[~bad], labels[~bad]
+
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
         images, labels = batch
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
@@ -85,8 +128,10 @@ class ShapesDataModule(ImageDataModule):
         num_workers: int = 0,
         shuffle_seed: int = 0,
         crop_pct: float = 1.0,  # eval crop of image folders; generated images are made at size, so it is unused
+        rand_augment: str | None = None,
+        random_erasing: float = 0.0,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct)
+        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct, rand_augment, random_erasing)
         _check("data.train_size", train_size, isinstance(train_size, int) and train_size >= batch_size,
                f"at least one batch (data.batch_size={batch_size})")  # fmt: skip
         _check("data.val_size", val_size, isinstance(val_size, int) and val_size >= 1, "a positive whole number")
@@ -100,4 +145,22 @@ class ShapesDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is None:
             self.train = ShapesDataset(self.train_size, self.image_size, self.seed, self.max_distractors)
+            if self.rand_augment:
+                self.train = RandAugmented(self.train, RandAugment.parse(self.rand_augment))
             self.val = ShapesDataset(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET, self.max_distractors)
+
+
+class RandAugmented(Dataset):
+    """A dataset of uint8 tensors with RandAugment applied per image (through Pillow), e.g. the generated shapes."""
+
+    def __init__(self, dataset: Dataset, rand_augment: RandAugment) -> None:
+        self.dataset, self.rand_augment = dataset, rand_augment
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        rng = random.Random(torch.randint(2**62, ()).item())
+        augmented = self.rand_augment(Image.fromarray(image.permute(1, 2, 0).numpy()), rng)
+        return torch.from_numpy(np.asarray(augmented).copy()).permute(2, 0, 1), label

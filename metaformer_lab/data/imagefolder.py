@@ -1,8 +1,13 @@
 """Real images from a folder in the ImageNet layout: `<root>/train/<class>/*.JPEG`, `<root>/val/<class>/*`.
 
-Decoded with Pillow in loader workers (torchvision cannot be installed next to CPU torch). Train: random resized
-crop (scale 0.08-1, ratio 3/4-4/3, bilinear or bicubic at random) and horizontal flip, as the official recipe;
-eval: bicubic resize of the short side to image_size / crop_pct, then a center crop.
+Decoded with Pillow in loader workers (torchvision cannot be installed next to CPU torch). The transforms are timm's
+as the official train.py used them (`transforms_imagenet_train` / `_eval`):
+- train: random resized crop (scale 0.08-1, log-uniform ratio 3/4-4/3, 10 tries, else the whole image clamped to
+  the ratio range; bilinear or bicubic at random), horizontal flip, then RandAugment where `rand_augment` is set;
+- eval: bicubic resize of the short side to floor(image_size / crop_pct) (the long side in proportion, truncated),
+  then a center crop at rounded offsets.
+An unreadable image (corrupt, truncated, not an image) does not stop a run: it comes out with label `-1 - index`,
+and the data module drops it from the batch, logs its path once and counts it (`ImageDataModule.unreadable`).
 """
 
 from __future__ import annotations
@@ -17,15 +22,28 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from metaformer_lab.data.datamodules import DATASETS, ImageDataModule
+from metaformer_lab.data.randaugment import RandAugment
 from metaformer_lab.registry import ConfigError
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+LAYOUT = "<root>/train/<class>/<image>.JPEG and <root>/val/<class>/<image>.JPEG, the same class folders in both"
+# errors Pillow raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _layout_error(root: Path, problem: str) -> ConfigError:
+    return ConfigError("data.root", str(root), f"{problem}; expected the ImageNet layout: {LAYOUT}")
+
+
+def class_names(split_dir: Path) -> list[str]:
+    """The class folders of one split, sorted (the label of a class is its index here)."""
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
 
 
 def find_images(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     """(path, label) pairs and the class names (sorted sub-folder names) of one split."""
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    classes = class_names(split_dir)
     samples = [
         (path, label)
         for label, name in enumerate(classes)
@@ -35,56 +53,105 @@ def find_images(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return samples, classes
 
 
+def check_layout(root: Path, splits: tuple[str, ...] = SPLITS) -> None:
+    """A clear error, before training, for a folder that is not in the ImageNet layout."""
+    if not root.is_dir():
+        raise _layout_error(root, "no such folder")
+    for split in splits:
+        if not (root / split).is_dir():
+            raise _layout_error(root, f"no {split}/ folder in it")
+        if not class_names(root / split):
+            raise _layout_error(root, f"{split}/ has no class folders")
+    if len(splits) == 2:
+        train, val = (class_names(root / split) for split in splits)
+        if train != val:
+            only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+            differ = "; ".join(
+                f"{len(names)} only in {split}/ (e.g. {', '.join(names[:3])})"
+                for names, split in ((only_train, "train"), (only_val, "val")) if names
+            ) or "the same names in another order"
+            raise _layout_error(root, f"train/ and val/ have different class folders: {differ}")
+
+
 def random_resized_crop(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
-    """timm/torchvision RandomResizedCrop: 10 tries at a random area and aspect ratio, else a center crop."""
+    """timm's RandomResizedCropAndInterpolation (scale 0.08-1, ratio 3/4-4/3, interpolation 'random')."""
     width, height = image.size
     area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
     for _ in range(10):
         target = area * rng.uniform(0.08, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        ratio = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:
-            x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+            y, x = rng.randint(0, height - h), rng.randint(0, width - w)
             break
-    else:
-        w = h = min(width, height)
-        x, y = (width - w) // 2, (height - h) // 2
+    else:  # the whole image, cut to the ratio range where it lies outside it (timm's fallback)
+        in_ratio = width / height
+        if in_ratio < 3 / 4:
+            w, h = width, round(width / (3 / 4))
+        elif in_ratio > 4 / 3:
+            w, h = round(height * (4 / 3)), height
+        else:
+            w, h = width, height
+        y, x = (height - h) // 2, (width - w) // 2
     interpolation = rng.choice((Image.Resampling.BILINEAR, Image.Resampling.BICUBIC))
     return image.resize((size, size), interpolation, box=(x, y, x + w, y + h))
 
 
+def eval_resize_size(width: int, height: int, size: int, crop_pct: float) -> tuple[int, int]:
+    """(width, height) after the eval resize: short side floor(size / crop_pct), long side in proportion, truncated
+    (timm's `transforms_imagenet_eval` through torchvision's Resize(int))."""
+    short = math.floor(size / crop_pct)
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
 def center_crop(image: Image.Image, size: int, crop_pct: float) -> Image.Image:
-    scale = size / crop_pct / min(image.size)
-    width, height = round(image.width * scale), round(image.height * scale)
+    """The official eval transform: bicubic resize (`eval_resize_size`), then a `size` crop at the centre."""
+    width, height = eval_resize_size(image.width, image.height, size, crop_pct)
     image = image.resize((width, height), Image.Resampling.BICUBIC)
-    x, y = (width - size) // 2, (height - size) // 2
+    x, y = round((width - size) / 2), round((height - size) / 2)
     return image.crop((x, y, x + size, y + size))
 
 
 class ImageFolderDataset(Dataset):
-    def __init__(self, split_dir: Path, image_size: int, train: bool, crop_pct: float) -> None:
+    """One split of an image folder: (uint8 [3, size, size] image, label), or label `-1 - index` if unreadable."""
+
+    def __init__(
+        self, split_dir: Path, image_size: int, train: bool, crop_pct: float, rand_augment: RandAugment | None = None,
+    ) -> None:  # fmt: skip
         self.samples, self.classes = find_images(split_dir)
         self.image_size, self.train, self.crop_pct = image_size, train, crop_pct
+        self.rand_augment = rand_augment
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        with Image.open(path) as file:
-            image = file.convert("RGB")
+        try:
+            with Image.open(path) as file:
+                image = file.convert("RGB")
+        except UNREADABLE:
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1 - index
         if self.train:
             rng = random.Random(torch.randint(2**62, ()).item())  # seeded per worker by Lightning
             image = random_resized_crop(image, self.image_size, rng)
             if rng.random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.rand_augment is not None:
+                image = self.rand_augment(image, rng)
         else:
             image = center_crop(image, self.image_size, self.crop_pct)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), label
 
 
+@DATASETS.register("imagefolder")
 @DATASETS.register("imagenet")
 class ImageFolderDataModule(ImageDataModule):
+    """Any folder in the ImageNet layout; `num_classes` None reads the class count from its train/ folders."""
+
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
@@ -92,15 +159,32 @@ class ImageFolderDataModule(ImageDataModule):
         self,
         root: str,
         image_size: int = 224,
-        num_classes: int = 1000,
+        num_classes: int | None = None,
         crop_pct: float = 0.9,
         batch_size: int = 128,
         num_workers: int = 8,
         shuffle_seed: int = 0,
+        rand_augment: str | None = None,
+        random_erasing: float = 0.0,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct)
-        self.root, self.num_classes = Path(root), num_classes
+        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct, rand_augment, random_erasing)
+        ok = num_classes is None or (isinstance(num_classes, int) and not isinstance(num_classes, bool))
+        if not ok or (num_classes is not None and num_classes < 2):
+            raise ConfigError("data.num_classes", num_classes, "a whole number >= 2, or null to count the folders")
+        self.root, self.configured_classes = Path(str(root)), num_classes
         self.root_given = root not in ("???", None)  # "???": OmegaConf's mark of a required value never given
+
+    def _check_root(self) -> None:
+        if not self.root_given:  # checked on use, not at construction, so that `plan` can list a run without data
+            raise ConfigError("data.root", None, f"required: an image folder, e.g. data.root=/data/imagenet ({LAYOUT})")
+        check_layout(self.root)
+
+    @property
+    def num_classes(self) -> int:
+        if self.configured_classes is not None:
+            return self.configured_classes
+        self._check_root()
+        return len(class_names(self.root / "train"))
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         sizes = [len(find_images(self.root / split)[0]) if (self.root / split).is_dir() else None for split in SPLITS]
@@ -109,15 +193,19 @@ class ImageFolderDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        if not self.root_given:  # checked here, not at construction, so that `plan` can list a run without data
-            raise ConfigError("data.root", None, "required: the image folder, e.g. data.root=/data/imagenet")
-        for split in SPLITS:
-            if not (self.root / split).is_dir():
-                raise ConfigError("data.root", str(self.root), f"a folder with train/ and val/ inside (no {split}/)")
-        self.train = ImageFolderDataset(self.root / "train", self.image_size, True, self.crop_pct)
+        self._check_root()
+        augment = RandAugment.parse(self.rand_augment) if self.rand_augment else None
+        self.train = ImageFolderDataset(self.root / "train", self.image_size, True, self.crop_pct, augment)
         self.val = ImageFolderDataset(self.root / "val", self.image_size, False, self.crop_pct)
-        if len(self.train.classes) != self.num_classes or self.val.classes != self.train.classes:
+        for split, dataset in (("train", self.train), ("val", self.val)):
+            if not len(dataset):
+                raise _layout_error(self.root, f"{split}/ has class folders but no images "
+                                    f"({', '.join(sorted(IMAGE_SUFFIXES))})")  # fmt: skip
+        if len(self.train.classes) != self.num_classes:
             raise ConfigError(
                 "data.num_classes", self.num_classes,
-                f"the class folders: {len(self.train.classes)} in train/, {len(self.val.classes)} in val/ (must match)",
+                f"the {len(self.train.classes)} class folders of {self.root / 'train'} (or null to count them)",
             )  # fmt: skip
+
+    def sample_path(self, split: str, index: int) -> str:
+        return str((self.train if split == "train" else self.val).samples[index][0])

@@ -93,3 +93,74 @@ class TrainThroughput(L.Callback):
     @property
     def images_per_second(self) -> float | None:
         return self.images / self.seconds if self.seconds > 0 else None
+
+
+def share_batchnorm_stats(model: torch.nn.Module, mode: str) -> int:
+    """Make every rank's BatchNorm running means and variances the same: their average over ranks (`reduce`) or
+    rank 0's (`broadcast`), as timm's `distribute_bn`. Returns how many buffers it shared (0 outside DDP)."""
+    if mode == "none" or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    world = torch.distributed.get_world_size()
+    shared = 0
+    for name, buffer in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            if mode == "reduce":
+                torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+                buffer /= world
+            else:
+                torch.distributed.broadcast(buffer, 0)
+            shared += 1
+    return shared
+
+
+class ShareBatchNormStats(L.Callback):
+    """`trainer.dist_bn`: under DDP each rank's BatchNorm layers see only its own images; the official recipe
+    averages their running statistics after each training epoch, before evaluating and saving (`--dist-bn reduce`).
+    Here: before each validation (what the checkpoint then saves) and at the end of training."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            share_batchnorm_stats(module, self.mode)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        share_batchnorm_stats(module, self.mode)
+
+
+class UnreadableImages(L.Callback):
+    """Unreadable images the data module dropped (see data/datamodules.py), merged over ranks at each validation's
+    end (all ranks are there; each saw only its share of the data), for the run record."""
+
+    def __init__(self) -> None:
+        self.indices: dict[str, set[int]] = {"train": set(), "val": set()}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        seen = getattr(trainer.datamodule, "unreadable", None)
+        if seen is None:
+            return
+        found = [{split: sorted(indices) for split, indices in seen.items()}]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            found = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(found, {split: sorted(indices) for split, indices in seen.items()})
+        for rank_found in found:
+            for split, indices in rank_found.items():
+                self.indices.setdefault(split, set()).update(indices)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {split: sorted(indices) for split, indices in self.indices.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices = {split: set(indices) for split, indices in state.items()}
+
+    def counts(self, datamodule: L.LightningDataModule) -> dict[str, int]:
+        """Per split, the unreadable images found (this rank's own where no validation merged them yet)."""
+        own = getattr(datamodule, "unreadable", {})
+        return {split: len(self.indices.get(split, set()) | own.get(split, set())) for split in ("train", "val")}
+
+    def paths(self, datamodule: L.LightningDataModule, limit: int = 100) -> list[str]:
+        own = getattr(datamodule, "unreadable", {})
+        found = [(split, index) for split in ("train", "val")
+                 for index in sorted(self.indices.get(split, set()) | own.get(split, set()))]  # fmt: skip
+        return [datamodule.sample_path(split, index) for split, index in found[:limit]]

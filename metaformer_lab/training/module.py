@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import lightning as L
@@ -114,10 +115,17 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 class ImageClassifier(L.LightningModule):
-    def __init__(self, model: nn.Module, optim: OptimSettings, num_classes: int, channels_last: bool = False) -> None:
+    """A classifier trained with soft targets: mixup / cutmix and label smoothing, then random erasing where
+    `random_erasing` is given (after the mixing, as the official prefetcher). `optim` None: evaluation only."""
+
+    def __init__(
+        self, model: nn.Module, optim: OptimSettings | None, num_classes: int, channels_last: bool = False,
+        random_erasing: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.optim = optim
+        self.random_erasing = random_erasing
         self.num_classes = num_classes
         self.channels_last = channels_last
         top5 = min(5, num_classes)
@@ -136,6 +144,8 @@ class ImageClassifier(L.LightningModule):
             images, labels, self.num_classes, o.label_smoothing, o.mixup_alpha, o.cutmix_alpha, o.mix_prob,
             o.mix_switch_prob,
         )  # fmt: skip
+        if self.random_erasing is not None:
+            images = self.random_erasing(images)
         logits = self(images)
         loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         # all ranks agree, so they all stop at the same step rather than hang in the next all-reduce

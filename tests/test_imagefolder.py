@@ -1,0 +1,102 @@
+"""Image folders as users have them: any folder in the ImageNet layout, unreadable files skipped and counted, clear
+layout errors before training."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import compose_config, run_cli
+
+from metaformer_lab.config import build_datamodule
+from metaformer_lab.data.imagefolder import ImageFolderDataset
+from metaformer_lab.data.jpeg_folder import class_folder, write_jpeg_folder
+from metaformer_lab.record import read_record
+from metaformer_lab.registry import ConfigError
+
+SMALL_RUN = [
+    "data=imagefolder", "data.image_size=32", "data.batch_size=10", "optim.global_batch=10", "data.num_workers=0",
+    "model.depths=[1,1,1,1]", "model.dims=[16,16,32,32]", "optim.epochs=1", "logger=csv", "trainer=cpu",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """10 classes, 3 training and 1 validation JPEG each, plus one unreadable .JPEG per split."""
+    return write_jpeg_folder(tmp_path_factory.mktemp("jpeg"), train_per_class=3, val_per_class=1, corrupt=1)
+
+
+def test_unreadable_file_comes_out_marked_not_raised(folder):
+    dataset = ImageFolderDataset(folder / "val", 32, train=False, crop_pct=0.9)
+    labels = [dataset[i][1] for i in range(len(dataset))]
+    corrupt = [i for i, (path, _) in enumerate(dataset.samples) if "corrupt" in path.name]
+    assert len(dataset) == 11 and len(corrupt) == 1
+    assert labels[corrupt[0]] == -1 - corrupt[0] and sorted(set(labels) - {labels[corrupt[0]]}) == list(range(10))
+    image, _ = dataset[corrupt[0]]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+
+
+def test_a_run_on_a_folder_with_corrupt_files_completes_and_counts_them(folder, tmp_path):
+    result = run_cli(*SMALL_RUN, f"data.root={folder}", "data.rand_augment=rand-m9-mstd0.5-inc1",
+                     "data.random_erasing=0.25", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_record(next((tmp_path / "runs").rglob("result.json")))
+    assert record.status == "completed" and record.train_images == 31 and record.steps == 3
+    assert record.unreadable_images == {"train": 1, "val": 1}
+    assert [p.split("/")[-1] for p in record.unreadable_paths] == ["train_corrupt_000.JPEG", "val_corrupt_000.JPEG"]
+    assert record.config["data"]["num_classes"] is None  # counted from the folders: 10
+    log = (next((tmp_path / "runs").rglob("run.log"))).read_text()
+    assert "skipped unreadable image" in log and "train_corrupt_000.JPEG" in log
+    assert "2 unreadable images skipped" in result.stderr + result.stdout
+
+
+def test_imagefolder_counts_its_classes_and_imagenet_wants_1000(folder):
+    datamodule = build_datamodule(compose_config("data=imagefolder", f"data.root={folder}"))
+    assert datamodule.num_classes == 10
+    imagenet = build_datamodule(compose_config("data=imagenet", f"data.root={folder}"))
+    with pytest.raises(ConfigError, match="the 10 class folders") as error:
+        imagenet.setup("fit")
+    assert error.value.key == "data.num_classes"
+
+
+def _copy(folder, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(folder, root)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing root", "no such folder"),
+        ("no val", "no val/ folder in it"),
+        ("empty train", "train/ has no class folders"),
+        ("no images", "val/ has class folders but no images"),
+        ("other classes", "different class folders: 1 only in train/ (e.g. 09_"),
+    ],
+)
+def test_layout_errors_show_the_expected_layout(folder, tmp_path, breakage, message):
+    root = _copy(folder, tmp_path)
+    if breakage == "missing root":
+        root = tmp_path / "nowhere"
+    elif breakage == "no val":
+        shutil.rmtree(root / "val")
+    elif breakage == "empty train":
+        shutil.rmtree(root / "train")
+        (root / "train").mkdir()
+    elif breakage == "no images":
+        for path in (root / "val").rglob("*.JPEG"):
+            path.unlink()
+    else:
+        (root / "val" / class_folder(9)).rename(root / "val" / "zz_other")
+    datamodule = build_datamodule(compose_config("data=imagefolder", f"data.root={root}"))
+    with pytest.raises(ConfigError) as error:
+        datamodule.setup("fit")
+    assert error.value.key == "data.root" and message in str(error.value)
+    assert "<root>/train/<class>/<image>.JPEG" in str(error.value)
+
+
+def test_a_layout_error_stops_run_py_before_training_and_leaves_no_run(tmp_path):
+    result = run_cli(*SMALL_RUN, f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "data.root=" in result.stderr and "expected the ImageNet layout" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.rglob("result.json"))
