@@ -10,6 +10,7 @@ device or many, and a resumed run sees exactly the batches an uninterrupted one 
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import lightning as L
@@ -47,7 +48,7 @@ class ImageDataModule(L.LightningDataModule):
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __init__(
-        self, image_size: int, batch_size: int, num_workers: int, shuffle_seed: int, crop_pct: float,
+        self, image_size: int, batch_size: int, num_workers: int | str, shuffle_seed: int, crop_pct: float,
         rand_augment: str | None, random_erasing: float,
     ) -> None:  # fmt: skip
         super().__init__()
@@ -61,7 +62,8 @@ class ImageDataModule(L.LightningDataModule):
         _check("data.image_size", image_size, isinstance(image_size, int) and image_size >= 32 and image_size % 8 == 0,
                "a multiple of 8, at least 32")  # fmt: skip
         _check("data.batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "a positive integer")
-        _check("data.num_workers", num_workers, isinstance(num_workers, int) and num_workers >= 0, "0 or more")
+        ok = num_workers == "auto" or (isinstance(num_workers, int) and num_workers >= 0)
+        _check("data.num_workers", num_workers, ok, "0 or more loader processes per device, or auto")
         _check("data.crop_pct", crop_pct, isinstance(crop_pct, int | float) and 0 < crop_pct <= 1, "in (0, 1]")
         self.crop_pct = crop_pct
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
@@ -73,12 +75,20 @@ class ImageDataModule(L.LightningDataModule):
         """(train, val) image counts, without loading anything; None where unknown. For cost estimates."""
         return None, None
 
+    def loader_workers(self) -> int:
+        """`num_workers`, with `auto` resolved: this node's CPUs shared by its devices, 1 to 8 per device."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(8, cpus // (self.trainer.num_devices if self.trainer else 1)))
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        workers = self.loader_workers()
         sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=self.shuffle_seed, drop_last=train)
         return DataLoader(
-            dataset, self.batch_size, sampler=sampler, drop_last=train, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            dataset, self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
