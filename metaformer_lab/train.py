@@ -149,6 +149,10 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if not history.validated_at(trainer.global_step):  # stopped between validations (max_steps, max_time)
             trainer.validate(module, datamodule=datamodule, verbose=False)
+            if not trainer.fast_dev_run:  # the checkpoints hold the weights the record's numbers were measured on
+                trainer.save_checkpoint(checkpoints / "last.ckpt")
+                if history.best() is history.history[-1]:
+                    trainer.save_checkpoint(checkpoints / "best.ckpt")
         status, error = "completed", None
     except DivergedError as diverged:
         status, error = "diverged", str(diverged)

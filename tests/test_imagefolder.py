@@ -100,3 +100,14 @@ def test_a_layout_error_stops_run_py_before_training_and_leaves_no_run(tmp_path)
     assert result.returncode != 0
     assert "data.root=" in result.stderr and "expected the ImageNet layout" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.rglob("result.json"))
+
+
+def test_a_folder_with_only_val_is_enough_to_validate(folder, tmp_path):
+    root = _copy(folder, tmp_path)
+    shutil.rmtree(root / "train")
+    datamodule = build_datamodule(compose_config("data=imagefolder", f"data.root={root}"))
+    assert datamodule.num_classes == 10
+    datamodule.setup("validate")
+    assert len(datamodule.val) == 11 and datamodule.train is None
+    with pytest.raises(ConfigError, match="no train/ folder"):
+        datamodule.setup("fit")

@@ -174,37 +174,46 @@ class ImageFolderDataModule(ImageDataModule):
         self.root, self.configured_classes = Path(str(root)), num_classes
         self.root_given = root not in ("???", None)  # "???": OmegaConf's mark of a required value never given
 
-    def _check_root(self) -> None:
+    def _check_root(self, splits: tuple[str, ...] = SPLITS) -> None:
         if not self.root_given:  # checked on use, not at construction, so that `plan` can list a run without data
             raise ConfigError("data.root", None, f"required: an image folder, e.g. data.root=/data/imagenet ({LAYOUT})")
-        check_layout(self.root)
+        check_layout(self.root, splits)
 
     @property
     def num_classes(self) -> int:
+        """As configured, else the class folders of train/ (of val/ in a folder that has only val/, to evaluate)."""
         if self.configured_classes is not None:
             return self.configured_classes
-        self._check_root()
-        return len(class_names(self.root / "train"))
+        split = "train" if (self.root / "train").is_dir() or not (self.root / "val").is_dir() else "val"
+        self._check_root((split,))
+        return len(class_names(self.root / split))
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         sizes = [len(find_images(self.root / split)[0]) if (self.root / split).is_dir() else None for split in SPLITS]
         return sizes[0], sizes[1]
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train is not None:
+        """Both splits to train; only val/ to validate (evaluating a checkpoint needs no training images)."""
+        splits = ("val",) if stage == "validate" else SPLITS
+        if self.val is not None and (self.train is not None or splits == ("val",)):
             return
-        self._check_root()
-        augment = RandAugment.parse(self.rand_augment) if self.rand_augment else None
-        self.train = ImageFolderDataset(self.root / "train", self.image_size, True, self.crop_pct, augment)
+        self._check_root(splits)
         self.val = ImageFolderDataset(self.root / "val", self.image_size, False, self.crop_pct)
-        for split, dataset in (("train", self.train), ("val", self.val)):
+        datasets = {"val": self.val}
+        if "train" in splits:
+            augment = RandAugment.parse(self.rand_augment) if self.rand_augment else None
+            self.train = datasets["train"] = ImageFolderDataset(
+                self.root / "train", self.image_size, True, self.crop_pct, augment
+            )
+        for split, dataset in datasets.items():
             if not len(dataset):
                 raise _layout_error(self.root, f"{split}/ has class folders but no images "
                                     f"({', '.join(sorted(IMAGE_SUFFIXES))})")  # fmt: skip
-        if len(self.train.classes) != self.num_classes:
+        split = splits[0]
+        if len(datasets[split].classes) != self.num_classes:
             raise ConfigError(
                 "data.num_classes", self.num_classes,
-                f"the {len(self.train.classes)} class folders of {self.root / 'train'} (or null to count them)",
+                f"the {len(datasets[split].classes)} class folders of {self.root / split} (or null to count them)",
             )  # fmt: skip
 
     def sample_path(self, split: str, index: int) -> str:

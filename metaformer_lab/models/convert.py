@@ -1,4 +1,4 @@
-"""Convert timm-layout MetaFormer checkpoints (`stages.N.blocks.M...`) to this package's official layout."""
+"""Convert timm-layout MetaFormer checkpoints (`stages.N.blocks.M...`) to this package's official layout, and back."""
 
 from __future__ import annotations
 
@@ -45,4 +45,35 @@ def _convert_key(key: str) -> str | None:
         return f"network.{2 * int(m[1])}.{m[2]}.{rest}"
     if m := re.fullmatch(r"head\.(norm|fc)\.(weight|bias)", key):
         return f"{'norm' if m[1] == 'norm' else 'head'}.{m[2]}"
+    return None
+
+
+def to_timm_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `convert_timm_checkpoint` for PoolFormer(v1) state dicts: official names -> timm's.
+
+    Keys with no timm PoolFormer counterpart (position embeddings, attention or spatial-FC mixers) raise a ValueError.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        new = _to_timm_key(key)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ValueError(f"no timm PoolFormer(v1) counterpart for keys: {', '.join(unknown[:8])}")
+    return out
+
+
+def _to_timm_key(key: str) -> str | None:
+    if m := re.fullmatch(r"patch_embed\.proj\.(weight|bias)", key):
+        return f"stem.conv.{m[1]}"
+    if m := re.fullmatch(r"network\.(\d+)\.proj\.(weight|bias)", key):
+        return f"stages.{(int(m[1]) + 1) // 2}.downsample.conv.{m[2]}" if int(m[1]) % 2 else None
+    if m := re.fullmatch(r"network\.(\d+)\.(\d+)\.(layer_scale_[12]|(?:norm[12]|mlp\.fc[12])\.(?:weight|bias))", key):
+        rest = {value: name for name, value in _BLOCK_RENAMES.items()}.get(m[3], m[3])
+        return f"stages.{int(m[1]) // 2}.blocks.{m[2]}.{rest}" if int(m[1]) % 2 == 0 else None
+    if m := re.fullmatch(r"(norm|head)\.(weight|bias)", key):
+        return f"head.{'norm' if m[1] == 'norm' else 'fc'}.{m[2]}"
     return None

@@ -71,6 +71,14 @@ def metaformer_ppff_s12_224() -> dict[str, Any]:
     return dict(S12, mixer=["pooling", "pooling", "spatial_fc", "spatial_fc"])
 
 
+# The official releases' eval crop: `crop_pct` of each model's default_cfg in sail-sg/poolformer (models/poolformer.py:
+# 0.9 for S, 0.95 for M; models/metaformer.py: 0.95 unless set to 0.9); evaluation resizes to floor(size / crop_pct).
+EVAL_CROP_PCT = {
+    "poolformer_s12": 0.9, "poolformer_s24": 0.9, "poolformer_s36": 0.9, "poolformer_m36": 0.95, "poolformer_m48": 0.95,
+    "metaformer_id_s12": 0.9, "metaformer_pppa_s12_224": 0.95, "metaformer_ppaa_s12_224": 0.95,
+    "metaformer_pppf_s12_224": 0.9, "metaformer_ppff_s12_224": 0.95,
+}  # fmt: skip
+
 MODEL_ARGUMENTS = tuple(inspect.signature(MetaFormer).parameters)
 
 
