@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -20,17 +21,16 @@ def convert_timm_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     """
     if not any(key.startswith("stages.") for key in state_dict):
         return dict(state_dict)
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        new = _convert_key(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
+    return _renamed(state_dict, _convert_key, "no PoolFormer(v1) counterpart for timm keys")
+
+
+def _renamed(
+    state_dict: dict[str, torch.Tensor], rename: Callable[[str], str | None], unknown_message: str
+) -> dict[str, torch.Tensor]:
+    unknown = [key for key in state_dict if rename(key) is None]
     if unknown:
-        raise ValueError(f"no PoolFormer(v1) counterpart for timm keys: {', '.join(unknown[:8])}")
-    return out
+        raise ValueError(f"{unknown_message}: {', '.join(unknown[:8])}")
+    return {rename(key): value for key, value in state_dict.items()}
 
 
 def _convert_key(key: str) -> str | None:
@@ -53,17 +53,7 @@ def to_timm_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
     Keys with no timm PoolFormer counterpart (position embeddings, attention or spatial-FC mixers) raise a ValueError.
     """
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in state_dict.items():
-        new = _to_timm_key(key)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise ValueError(f"no timm PoolFormer(v1) counterpart for keys: {', '.join(unknown[:8])}")
-    return out
+    return _renamed(state_dict, _to_timm_key, "no timm PoolFormer(v1) counterpart for keys")
 
 
 def _to_timm_key(key: str) -> str | None:
