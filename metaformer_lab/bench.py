@@ -1,0 +1,340 @@
+"""Benchmarks of this machine for training: `loader` now (can its CPUs keep a GPU fed?), model benchmarks later.
+
+    python -m metaformer_lab.bench loader [--root FOLDER] [--images 100] [--image-size 224] [--json FILE]
+
+`loader` times, in this one process with one torch thread (as a loader worker runs), on the same images of
+`<root>/train`: decoding alone (`Image.open` + `convert("RGB")`, what every pipeline pays), the full training
+transform (`ImageFolderDataset(train=True)[i]`: decode, random resized crop, flip, RandAugment, uint8 tensor) and
+the eval transform (bicubic resize, center crop). After a warm-up round they run in turn, a pass each, round after
+round, for about `--seconds` each (interleaved, so that a busy machine's slow spells slow all of them alike); the
+median pass gives images/s per process. Files are read from the page cache after the warm-up: this measures CPU
+cost, not storage. Then: where the training transform's time goes (its stages timed one by one, each RandAugment op
+on its own), how often JPEG draft mode could apply, and the loader processes one GPU needs. Without `--root` it
+writes ImageNet-like JPEGs (about 500x375, quality 90) to a temporary folder; they are smoother than photos, so
+they decode faster than real ImageNet files: pass `--root` to measure on yours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image, features
+
+from metaformer_lab.data.imagefolder import (
+    UNREADABLE,
+    ImageFolderDataset,
+    check_layout,
+    eval_resize_size,
+    random_resized_crop,
+)
+from metaformer_lab.data.jpeg_folder import write_jpeg_folder
+from metaformer_lab.data.randaugment import EXAMPLE, RandAugment
+from metaformer_lab.data.shapes import CLASS_NAMES
+from metaformer_lab.registry import ConfigError
+
+TARGET_RATIO = 1.5  # the issue's bound on full-transform time / decode-only time per image
+DEFAULT_TRAIN_THROUGHPUT = 2500.0  # img/s of one GPU: an assumption, to be replaced by a measured one
+# the steps of the training transform, in `ImageFolderDataset.__getitem__`'s order
+STAGES = ("open (header)", "JPEG decode", "convert to RGB + close", "random resized crop", "flip", "RandAugment",
+          "to tensor")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rate:
+    """How fast one process runs one pipeline: the median of `repeats` timed passes over the same images."""
+
+    images_per_s: float
+    ms_per_image: float
+    repeats: int
+
+
+@dataclass(frozen=True)
+class LoaderPlan:
+    """Loader processes one GPU needs, and how many such GPUs `cpu_count` cores can feed (one worker per core)."""
+
+    workers_per_gpu: int
+    gpus_fed: int  # whole GPUs: floor(cpu_count / workers_per_gpu)
+    gpus_fed_exact: float  # cpu_count * per-process rate / GPU throughput
+
+
+def loader_plan(train_throughput: float, images_per_s_per_process: float, cpu_count: int) -> LoaderPlan:
+    """ceil(throughput / per-process rate) workers per GPU; the GPUs whose workers fit in `cpu_count` cores."""
+    if train_throughput <= 0 or images_per_s_per_process <= 0:
+        raise ValueError("throughput and rate must be positive")
+    workers = math.ceil(train_throughput / images_per_s_per_process)
+    return LoaderPlan(workers, cpu_count // workers, cpu_count * images_per_s_per_process / train_throughput)
+
+
+def time_rounds(runs: dict[str, Callable[[], object]], seconds: float, min_rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds per pass of each run: one warm-up round, then rounds of every run in turn until `seconds` per run
+    (and `min_rounds`) have passed. Interleaved so that a shared machine's slow and fast spells hit all alike."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    start = time.perf_counter()
+    while min(map(len, times.values())) < min_rounds or time.perf_counter() - start < seconds * len(runs):
+        for name, run in runs.items():
+            begin = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - begin)
+    return times
+
+
+def rate(times: list[float], images: int) -> Rate:
+    """The median pass of `images` images as a rate."""
+    median = statistics.median(times)
+    return Rate(images / median, 1000 * median / images, len(times))
+
+
+def decode(paths: list[Path]) -> None:
+    """What every pipeline pays: open and decode each file to RGB (unreadable files skipped, as the dataset does)."""
+    for path in paths:
+        try:
+            with Image.open(path) as file:
+                file.convert("RGB")
+        except UNREADABLE:
+            pass
+
+
+def _stage_pass(dataset: ImageFolderDataset, indices: list[int], rng: random.Random) -> list[float]:
+    """Seconds spent in each of STAGES over one pass: the steps of `ImageFolderDataset.__getitem__` (train=True)."""
+    totals = [0.0] * len(STAGES)
+    for index in indices:
+        marks = [time.perf_counter()]
+        try:
+            with Image.open(dataset.samples[index][0]) as file:
+                marks.append(time.perf_counter())
+                file.load()
+                marks.append(time.perf_counter())
+                image = file.convert("RGB")
+        except UNREADABLE:
+            continue
+        marks.append(time.perf_counter())
+        image = random_resized_crop(image, dataset.image_size, rng)
+        marks.append(time.perf_counter())
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        marks.append(time.perf_counter())
+        if dataset.rand_augment is not None:
+            image = dataset.rand_augment(image, rng)
+        marks.append(time.perf_counter())
+        torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        marks.append(time.perf_counter())
+        for stage, (start, end) in enumerate(itertools.pairwise(marks)):
+            totals[stage] += end - start
+    return totals
+
+
+def stage_medians(passes: list[list[float]], images: int) -> dict[str, float]:
+    """ms per image of each stage of the training transform: the median over passes of `_stage_pass`.
+
+    The steps of `__getitem__` are written out so that they can be timed one by one; their sum is comparable with
+    the whole transform's time. Timed rather than profiled: cProfile's per-call overhead inflates the Python-heavy
+    stages (Pillow's `Image.open` parses JPEG markers in Python: 2-3x slower under cProfile); `--profile` writes
+    the profile for a look at the calls."""
+    medians = [statistics.median(times) for times in zip(*passes, strict=True)]
+    return {stage: 1000 * median / images for stage, median in zip(STAGES, medians, strict=True)}
+
+
+def time_ops(augment: RandAugment, crops: list[Image.Image]) -> dict[str, float]:
+    """ms per call of each op of the policy, each applied (probability 1, the policy's magnitude) to every crop."""
+    always, rng = dataclasses.replace(augment, prob=1.0), random.Random(0)
+    times = {}
+    for name in augment.op_names:
+        start = time.perf_counter()
+        for crop in crops:
+            always.apply_op(crop, name, rng)
+        times[name] = 1000 * (time.perf_counter() - start) / len(crops)
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
+
+
+def write_profile(dataset: ImageFolderDataset, indices: list[int], path: Path) -> None:
+    """cProfile stats of one pass of the transform, for `python -m pstats` or snakeviz (timings inflated)."""
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [dataset[i] for i in indices])
+    profiler.dump_stats(path)
+
+
+class _CropBox:
+    """Stands in for an image in `random_resized_crop`: it has a size, and its `resize` returns the crop box."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def resize(self, size: tuple[int, int], resample: Any, box: tuple[int, int, int, int]) -> tuple[int, ...]:
+        return box
+
+
+def draft_fractions(sizes: list[tuple[int, int]], image_size: int, crop_pct: float, draws: int = 20) -> dict:
+    """Share of training crops (`draws` per image) and of eval resizes whose source region, decoded at JPEG DCT
+    scale 1/2, would still be at least the output size: where Pillow's draft mode could apply without upsampling."""
+    rng, stand_ins = random.Random(0), [_CropBox(size) for size in sizes for _ in range(draws)]
+    boxes = [random_resized_crop(box, image_size, rng) for box in stand_ins]  # type: ignore[arg-type]
+    train = sum(x1 - x0 >= 2 * image_size and y1 - y0 >= 2 * image_size for x0, y0, x1, y1 in boxes)
+    resized = [(size, eval_resize_size(*size, image_size, crop_pct)) for size in sizes]
+    evals = sum(w // 2 >= rw and h // 2 >= rh for (w, h), (rw, rh) in resized)
+    return {"train": train / max(1, len(boxes)), "eval": evals / max(1, len(sizes))}
+
+
+def bench_loader(
+    root: Path, images: int, image_size: int, crop_pct: float, policy: str | None, seconds: float,
+    profile: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The loader benchmark's numbers (see the module docstring) on `images` images spread over `root/train`."""
+    check_layout(root, ("train",))
+    augment = RandAugment.parse(policy, key="--rand-augment") if policy else None
+    train = ImageFolderDataset(root / "train", image_size, True, crop_pct, augment)
+    evaluation = copy.copy(train)  # the same file list, without listing the folder again
+    evaluation.train, evaluation.rand_augment = False, None
+    count = min(images, len(train))
+    if count == 0:
+        raise ConfigError("--root", str(root), "a folder with images in train/<class>/")
+    indices = [i * len(train) // count for i in range(count)]  # spread over the classes
+    paths = [train.samples[i][0] for i in indices]
+    torch.manual_seed(0)
+    stage_rng, stage_passes = random.Random(0), []
+    times = time_rounds({
+        "decode": lambda: decode(paths),
+        "train": lambda: [train[i] for i in indices],
+        "eval": lambda: [evaluation[i] for i in indices],
+        "stages": lambda: stage_passes.append(_stage_pass(train, indices, stage_rng)),
+    }, seconds)  # fmt: skip
+    rates = {name: rate(times[name], count) for name in ("decode", "train", "eval")}
+    if profile is not None:
+        write_profile(train, indices, profile)
+    sizes, crops, rng = [], [], random.Random(0)
+    for path in paths:
+        try:
+            with Image.open(path) as file:
+                sizes.append(file.size)
+                if augment is not None and len(crops) < 20:
+                    crops.append(random_resized_crop(file.convert("RGB"), image_size, rng))
+        except UNREADABLE:
+            continue
+    long_short = [sorted(size, reverse=True) for size in sizes]
+    return {
+        "root": str(root), "images": count, "image_size": image_size, "crop_pct": crop_pct, "rand_augment": policy,
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "median_long_short_side": [statistics.median(side[i] for side in long_short or [(0, 0)]) for i in (0, 1)],
+        **{name: asdict(rate) for name, rate in rates.items()},
+        "full_over_decode": rates["train"].ms_per_image / rates["decode"].ms_per_image, "target_ratio": TARGET_RATIO,
+        "eval_over_decode": rates["eval"].ms_per_image / rates["decode"].ms_per_image,
+        "stages_ms_per_image": stage_medians(stage_passes[1:], count),  # [0]: warm-up
+        "randaugment_op_ms": time_ops(augment, crops) if augment is not None else {},
+        "randaugment_ops_per_image": augment.num_ops * augment.prob if augment is not None else 0.0,
+        "draft_applicable": draft_fractions(sizes, image_size, crop_pct),
+        "versions": {"pillow": PIL.__version__, "libjpeg_turbo": features.check_feature("libjpeg_turbo"),
+                     "torch": torch.__version__},
+    }  # fmt: skip
+
+
+def print_loader(report: dict[str, Any]) -> None:
+    """The small table: rates, the full / decode ratio, where the time goes, and the loader processes per GPU."""
+    long, short = report["median_long_short_side"]
+    where = "generated ImageNet-like JPEGs" if report.get("generated") else f"{report['root']}/train"
+    print(f"loader: {report['images']} images, {where} (median {long:.0f}x{short:.0f}) "
+          f"-> {report['image_size']} px; one process, {report['torch_threads']} torch thread")  # fmt: skip
+    print(f"  {'pipeline':<46} {'img/s/process':>13} {'ms/img':>8} {'x decode':>9}")
+    rows = (
+        ("decode", "decode only (open + convert RGB)"),
+        ("train", f"full train transform ({report['rand_augment'] or 'no RandAugment'})"),
+        ("eval", "eval transform (bicubic resize, center crop)"),
+    )
+    for key, label in rows:
+        rate = report[key]
+        ratio = rate["ms_per_image"] / report["decode"]["ms_per_image"]
+        print(f"  {label:<46} {rate['images_per_s']:>13.0f} {rate['ms_per_image']:>8.2f} {ratio:>8.2f}x")
+    verdict = "within" if report["full_over_decode"] <= TARGET_RATIO else "above"
+    print(f"  full / decode: {report['full_over_decode']:.2f}x per image ({verdict} the target of {TARGET_RATIO}x)")
+    stages = report["stages_ms_per_image"]
+    total = sum(stages.values())
+    print(f"where the train transform's time goes (stages timed one by one, median pass: {total:.2f} ms/img)")
+    for stage, ms in stages.items():
+        print(f"  {stage:<46} {ms:>6.2f} ms {100 * ms / total:>5.1f}%")
+    if report["randaugment_op_ms"]:
+        ops = report["randaugment_op_ms"]
+        mean = statistics.mean(ops.values())
+        print(f"  RandAugment applies {report['randaugment_ops_per_image']:g} op per image on average, {mean:.2f} ms "
+              f"each (mean of {len(ops)}); ms per call on {report['image_size']} px crops:")  # fmt: skip
+        print("    " + ", ".join(f"{name} {ms:.2f}" for name, ms in ops.items()))
+    draft = report["draft_applicable"]
+    print(f"  JPEG draft mode (DCT scale 1/2) could apply to {100 * draft['train']:.1f}% of train crops and "
+          f"{100 * draft['eval']:.1f}% of eval resizes (not used: it changes pixels)")  # fmt: skip
+    gpu = report["train_throughput_img_s"]
+    print(f"one GPU training at {gpu:.0f} img/s needs ceil({gpu:.0f} / {report['train']['images_per_s']:.0f}) "
+          f"= {report['workers_per_gpu']} loader processes (data.num_workers); this machine's "
+          f"{report['cpu_count']} CPUs feed {report['gpus_fed']} such GPUs ({report['gpus_fed_exact']:.2f}), "
+          "before the core each GPU's training process takes itself")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m metaformer_lab.bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    loader = commands.add_parser(
+        "loader", help="can this machine's CPUs feed a GPU?", description=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    loader.add_argument("--root", type=Path, metavar="FOLDER", help="an ImageNet-layout folder (default: generated)")
+    loader.add_argument("--images", type=int, default=100, metavar="N", help="images timed per pass (default 100)")
+    loader.add_argument("--image-size", type=int, default=224)
+    loader.add_argument("--crop-pct", type=float, default=0.9, help="eval: resize the short side to size / crop_pct")
+    loader.add_argument("--rand-augment", default=EXAMPLE, help=f"timm policy, or 'none' (default {EXAMPLE})")
+    loader.add_argument(
+        "--train-throughput", type=float, default=DEFAULT_TRAIN_THROUGHPUT, metavar="IMG_PER_S",
+        help=f"training images/s of one GPU (default {DEFAULT_TRAIN_THROUGHPUT:.0f}: an assumption; replace it with "
+        "a measured one, e.g. train_throughput_img_s in a run's result.json, which is per GPU)",
+    )  # fmt: skip
+    loader.add_argument("--seconds", type=float, default=3.0, help="time each pipeline about this long (default 3)")
+    loader.add_argument("--json", type=Path, metavar="FILE", help="write all numbers to FILE as JSON")
+    loader.add_argument("--profile", type=Path, metavar="FILE", help="write cProfile stats of one train pass to FILE")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.image_size < 1 or args.train_throughput <= 0 or args.seconds < 0:
+        parser.error("--images, --image-size, --train-throughput must be positive, --seconds not negative")
+    torch.set_num_threads(1)  # as a loader worker
+    policy = None if args.rand_augment.lower() == "none" else args.rand_augment
+    try:
+        if policy is not None:
+            RandAugment.parse(policy, key="--rand-augment")  # before writing any folder
+    except ConfigError as error:
+        parser.exit(2, f"error: {error}\n")
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as scratch:
+        root = args.root
+        if root is None:
+            per_class = math.ceil(args.images / len(CLASS_NAMES))
+            root = write_jpeg_folder(Path(scratch) / "jpeg_folder", train_per_class=per_class, val_per_class=1)
+        try:
+            report = bench_loader(root, args.images, args.image_size, args.crop_pct, policy, args.seconds, args.profile)
+        except ConfigError as error:
+            parser.exit(2, f"error: {error}\n")
+    report["generated"] = args.root is None
+    plan = loader_plan(args.train_throughput, report["train"]["images_per_s"], report["cpu_count"] or 1)
+    report.update(train_throughput_img_s=args.train_throughput, **asdict(plan))
+    print_loader(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
