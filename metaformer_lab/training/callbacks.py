@@ -116,7 +116,8 @@ def share_batchnorm_stats(model: torch.nn.Module, mode: str) -> int:
 class ShareBatchNormStats(L.Callback):
     """`trainer.dist_bn`: under DDP each rank's BatchNorm layers see only its own images; the official recipe
     averages their running statistics after each training epoch, before evaluating and saving (`--dist-bn reduce`).
-    Here: before each validation (what the checkpoint then saves) and at the end of training."""
+    Here: before each validation (what it measures and the checkpoint then saves), at the end of each training
+    epoch (for epochs without a validation) and of training. Sharing equal statistics again changes nothing."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -124,6 +125,9 @@ class ShareBatchNormStats(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             share_batchnorm_stats(module, self.mode)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        share_batchnorm_stats(module, self.mode)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         share_batchnorm_stats(module, self.mode)
