@@ -238,7 +238,8 @@ def test_wandb_offline_run_has_the_axes_in_its_config(tmp_path, monkeypatch):
 
 def test_ddp_on_two_cpu_processes_writes_exactly_one_record(tmp_path):
     # BatchNorm: its running statistics are averaged over the ranks (trainer.dist_bn=reduce) before validation
-    args = [*QUICK, "optim.epochs=1", "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2", "norm=batchnorm"]
+    args = [*QUICK, "optim.epochs=1", "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2"]
+    args.append("norm=batchnorm")
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = only_record(tmp_path / "runs")
