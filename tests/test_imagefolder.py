@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import compose_config, run_cli
 
-from metaformer_lab.config import build_datamodule
+from metaformer_lab.config import build_datamodule, build_model, build_optim
 from metaformer_lab.data.imagefolder import ImageFolderDataset
 from metaformer_lab.data.jpeg_folder import class_folder, write_jpeg_folder
 from metaformer_lab.record import read_record
 from metaformer_lab.registry import ConfigError
+from metaformer_lab.training.module import ImageClassifier
 
 SMALL_RUN = [
     "data=imagefolder", "data.image_size=32", "data.batch_size=10", "optim.global_batch=10", "data.num_workers=0",
@@ -111,3 +112,10 @@ def test_a_folder_with_only_val_is_enough_to_validate(folder, tmp_path):
     assert len(datamodule.val) == 11 and datamodule.train is None
     with pytest.raises(ConfigError, match="no train/ folder"):
         datamodule.setup("fit")
+
+
+def test_a_batch_left_empty_by_unreadable_images_is_skipped_not_diverged():
+    cfg = compose_config()
+    module = ImageClassifier(build_model(cfg, 10), build_optim(cfg), 10)
+    empty = (torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    assert module.training_step(empty, 0) is None and module.validation_step(empty, 0) is None

@@ -137,8 +137,10 @@ class ImageClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, labels = batch
+        if not len(labels):  # every image of the batch was unreadable (dropped by the data module): nothing to learn
+            return None
         o = self.optim
         images, targets = mix_batch(
             images, labels, self.num_classes, o.label_smoothing, o.mixup_alpha, o.cutmix_alpha, o.mix_prob,
@@ -157,6 +159,8 @@ class ImageClassifier(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
+        if not len(labels):
+            return
         logits = self(images)
         self.val_top1(logits, labels)
         self.val_top5(logits, labels)
