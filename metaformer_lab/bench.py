@@ -174,13 +174,16 @@ def write_profile(dataset: ImageFolderDataset, indices: list[int], path: Path) -
 
 
 class _CropBox:
-    """Stands in for an image in `random_resized_crop`: it has a size, and its `resize` returns the crop box."""
+    """Stands in for an image in `random_resized_crop`: it has a size, and `crop(box).resize(...)` gives the box."""
 
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = size
+    def __init__(self, size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> None:
+        self.size, self.box = size, box
 
-    def resize(self, size: tuple[int, int], resample: Any, box: tuple[int, int, int, int]) -> tuple[int, ...]:
-        return box
+    def crop(self, box: tuple[int, int, int, int]) -> _CropBox:
+        return _CropBox(self.size, box)
+
+    def resize(self, size: tuple[int, int], resample: Any) -> tuple[int, int, int, int] | None:
+        return self.box
 
 
 def draft_fractions(sizes: list[tuple[int, int]], image_size: int, crop_pct: float, draws: int = 20) -> dict:

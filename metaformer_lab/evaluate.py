@@ -232,10 +232,10 @@ def evaluate(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Evaluatio
 
     datamodule = build_datamodule(cfg)
     root = str(datamodule.root.resolve()) if hasattr(datamodule, "root") else None
-    if datamodule.num_classes > num_classes:
+    if datamodule.num_classes != num_classes:  # labels are folder indices: other classes would be scored wrongly
         raise ConfigError("data.root" if root else "data.name", root or cfg.data.name,
-                          f"{datamodule.num_classes} classes, more than the {num_classes} outputs of the checkpoint's "
-                          "head; evaluate it on data of its own classes")  # fmt: skip
+                          f"{datamodule.num_classes} classes, but the checkpoint's head has {num_classes} outputs; "
+                          "evaluate it on a folder of its own classes (label i = the i-th class folder)")  # fmt: skip
     device = resolve_device({key: "auto" for key in TRAINER_KEYS} | OmegaConf.to_container(cfg.trainer, resolve=True))
     try:
         trainer = L.Trainer(

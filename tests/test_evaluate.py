@@ -148,9 +148,10 @@ def test_bad_inputs_are_errors_that_name_the_key(official, jpegs, tmp_path):
         with pytest.raises(ConfigError, match=message):
             evaluate(path, overrides)
 
-    torch.save(create_model("poolformer_s12", num_classes=5).state_dict(), tmp_path / "poolformer_s12_5.pth")
-    with pytest.raises(ConfigError, match=r"data.root='.*': 10 classes, more than the 5 outputs of the checkpoint's"):
-        evaluate(tmp_path / "poolformer_s12_5.pth", [f"data.root={jpegs}", *SMALL_JPEGS])
+    for head in (5, 1000):  # fewer or more outputs than the folder's classes: labels would not match
+        torch.save(create_model("poolformer_s12", num_classes=head).state_dict(), tmp_path / "poolformer_s12_x.pth")
+        with pytest.raises(ConfigError, match=rf"data.root='.*': 10 classes, but the checkpoint's head has {head} "):
+            evaluate(tmp_path / "poolformer_s12_x.pth", [f"data.root={jpegs}", *SMALL_JPEGS])
     (tmp_path / "notes.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"checkpoint='.*notes.pth': torch.load\(weights_only=True\) cannot read"):
         evaluate(tmp_path / "notes.pth")

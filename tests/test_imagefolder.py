@@ -3,6 +3,7 @@ layout errors before training."""
 
 import shutil
 
+import lightning as L
 import pytest
 import torch
 from conftest import compose_config, run_cli
@@ -114,8 +115,27 @@ def test_a_folder_with_only_val_is_enough_to_validate(folder, tmp_path):
         datamodule.setup("fit")
 
 
-def test_a_batch_left_empty_by_unreadable_images_is_skipped_not_diverged():
+def test_a_batch_left_empty_by_unreadable_images_trains_nothing_and_does_not_diverge():
     cfg = compose_config()
     module = ImageClassifier(build_model(cfg, 10), build_optim(cfg), 10)
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
     empty = (torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
-    assert module.training_step(empty, 0) is None and module.validation_step(empty, 0) is None
+    loss = module.training_step(empty, 0)
+    loss.backward()  # zero gradients: under DDP this rank still joins the gradient all-reduce
+    assert loss.item() == 0.0 and all(not p.grad.any() for p in module.parameters() if p.requires_grad)
+    assert module.validation_step(empty, 0) is None
+
+
+def test_training_draws_depend_on_seed_epoch_and_image_not_on_loader_processes(folder):
+    def batches(workers: int, epoch: int, seed: int = 0) -> list[torch.Tensor]:
+        cfg = compose_config("data=imagefolder", f"data.root={folder}", "data.image_size=32", "data.batch_size=8",
+                             f"data.num_workers={workers}", "data.rand_augment=rand-m9-mstd0.5-inc1", f"seed={seed}")
+        datamodule = build_datamodule(cfg)
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch's start (and on resume)
+        return [images for images, _ in loader]
+
+    first = batches(0, epoch=1)
+    assert all(torch.equal(a, b) for a, b in zip(first, batches(2, epoch=1), strict=True))  # any num_workers
+    assert not torch.equal(first[0], batches(0, epoch=2)[0]) and not torch.equal(first[0], batches(0, 1, seed=1)[0])

@@ -54,22 +54,38 @@ def test_random_resized_crop_falls_back_to_the_whole_image_cut_to_the_ratio_rang
         assert (crop[:, 13, 0] > 200).all() and (crop[:, 13, 1:] < 60).all()  # red middle, nothing else around
 
 
+def test_random_resized_crop_crops_then_resizes_as_torchvision():
+    # Image.resize(box=...) would read pixels just outside the box into the border rows (timm crops first)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))
+    crop = random_resized_crop(image, 64, random.Random(3))
+    rng = random.Random(3)  # the same draws, replayed: the first try that fits, then the interpolation
+    while True:
+        area, ratio = 500 * 375 * rng.uniform(0.08, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if w <= 500 and h <= 375:
+            break
+    y, x = rng.randint(0, 375 - h), rng.randint(0, 500 - w)
+    interpolation = rng.choice((Image.Resampling.BILINEAR, Image.Resampling.BICUBIC))
+    expected = image.crop((x, y, x + w, y + h)).resize((64, 64), interpolation)
+    assert np.array_equal(np.asarray(crop), np.asarray(expected))
+
+
 def test_random_resized_crop_area_and_ratio_ranges():
     image = Image.new("RGB", (500, 375))
     rng = random.Random(0)
     boxes = []
-    original = Image.Image.resize
+    original = Image.Image.crop
 
-    def spy(self, size, resample=None, box=None, reducing_gap=None):
+    def spy(self, box=None):
         boxes.append(box)
-        return original(self, size, resample, box, reducing_gap)
+        return original(self, box)
 
-    Image.Image.resize = spy
+    Image.Image.crop = spy
     try:
         for _ in range(300):
             random_resized_crop(image, 32, rng)
     finally:
-        Image.Image.resize = original
+        Image.Image.crop = original
     areas = [(x1 - x0) * (y1 - y0) / (500 * 375) for x0, y0, x1, y1 in boxes]
     ratios = [(x1 - x0) / (y1 - y0) for x0, y0, x1, y1 in boxes]
     assert 0.07 < min(areas) < 0.15 and max(areas) > 0.9

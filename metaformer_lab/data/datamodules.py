@@ -4,7 +4,10 @@ Images travel as uint8 and are normalized after the transfer to the device, so l
 Unreadable images (label `-1 - index`, see imagefolder.py) are dropped from their batch before the transfer,
 logged once by path and counted in `unreadable`, which the run record reports.
 Every loader uses a `DistributedSampler` seeded by the run's seed and re-shuffled per epoch: the same order on one
-device or many, and a resumed run sees exactly the batches an uninterrupted one would.
+device or many, and a resumed run sees exactly the batches an uninterrupted one would. The training loader asks for
+`(index, epoch)`, and a training image's random draws (crop, flip, RandAugment) come from `sample_rng(seed, key)`:
+they depend on the run's seed, the epoch and the image alone, not on which loader process made it, so they are the
+same for any `num_workers` and after a resume.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -28,6 +32,22 @@ log = logging.getLogger(__name__)
 
 DATASETS: Registry[type[L.LightningDataModule]] = Registry("data")
 VAL_SEED_OFFSET = 1_000_003  # validation images come from a disjoint seed stream
+
+
+SampleKey = int | tuple[int, int]  # an index, or (index, epoch) from the training loader
+
+
+class EpochSampler(DistributedSampler):
+    """A DistributedSampler that yields `(index, epoch)` (Lightning calls `set_epoch` at each epoch's start)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((index, self.epoch) for index in super().__iter__())
+
+
+def sample_rng(seed: int, key: SampleKey) -> tuple[int, random.Random]:
+    """(index, the random stream of this image in this epoch of a run with `seed`); an int key is epoch 0."""
+    index, epoch = key if isinstance(key, tuple) else (key, 0)
+    return index, random.Random(f"{seed}/{epoch}/{index}")
 
 
 def _check(key: str, value: object, ok: bool, expected: str) -> None:
@@ -85,7 +105,9 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         workers = self.loader_workers()
-        sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=self.shuffle_seed, drop_last=train)
+        sampler = (EpochSampler if train else DistributedSampler)(
+            dataset, world, rank, shuffle=train, seed=self.shuffle_seed, drop_last=train
+        )
         return DataLoader(
             dataset, self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
@@ -156,21 +178,21 @@ class ShapesDataModule(ImageDataModule):
         if self.train is None:
             self.train = ShapesDataset(self.train_size, self.image_size, self.seed, self.max_distractors)
             if self.rand_augment:
-                self.train = RandAugmented(self.train, RandAugment.parse(self.rand_augment))
+                self.train = RandAugmented(self.train, RandAugment.parse(self.rand_augment), self.shuffle_seed)
             self.val = ShapesDataset(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET, self.max_distractors)
 
 
 class RandAugmented(Dataset):
     """A dataset of uint8 tensors with RandAugment applied per image (through Pillow), e.g. the generated shapes."""
 
-    def __init__(self, dataset: Dataset, rand_augment: RandAugment) -> None:
-        self.dataset, self.rand_augment = dataset, rand_augment
+    def __init__(self, dataset: Dataset, rand_augment: RandAugment, seed: int) -> None:
+        self.dataset, self.rand_augment, self.seed = dataset, rand_augment, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
+        index, rng = sample_rng(self.seed, key)
         image, label = self.dataset[index]
-        rng = random.Random(torch.randint(2**62, ()).item())
         augmented = self.rand_augment(Image.fromarray(image.permute(1, 2, 0).numpy()), rng)
         return torch.from_numpy(np.asarray(augmented).copy()).permute(2, 0, 1), label

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from metaformer_lab.data.datamodules import DATASETS, ImageDataModule
+from metaformer_lab.data.datamodules import DATASETS, ImageDataModule, SampleKey, sample_rng
 from metaformer_lab.data.randaugment import RandAugment
 from metaformer_lab.registry import ConfigError
 
@@ -95,7 +95,8 @@ def random_resized_crop(image: Image.Image, size: int, rng: random.Random) -> Im
             w, h = width, height
         y, x = (height - h) // 2, (width - w) // 2
     interpolation = rng.choice((Image.Resampling.BILINEAR, Image.Resampling.BICUBIC))
-    return image.resize((size, size), interpolation, box=(x, y, x + w, y + h))
+    # crop, then resize, as torchvision's resized_crop: a resize with box= would read pixels outside the box
+    return image.crop((x, y, x + w, y + h)).resize((size, size), interpolation)
 
 
 def eval_resize_size(width: int, height: int, size: int, crop_pct: float) -> tuple[int, int]:
@@ -120,15 +121,18 @@ class ImageFolderDataset(Dataset):
 
     def __init__(
         self, split_dir: Path, image_size: int, train: bool, crop_pct: float, rand_augment: RandAugment | None = None,
+        seed: int = 0,
     ) -> None:  # fmt: skip
         self.samples, self.classes = find_images(split_dir)
         self.image_size, self.train, self.crop_pct = image_size, train, crop_pct
-        self.rand_augment = rand_augment
+        self.rand_augment, self.seed = rand_augment, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
+        """The image and its label; `key` (index, epoch) seeds a training image's draws (`sample_rng`)."""
+        index, rng = sample_rng(self.seed, key)
         path, label = self.samples[index]
         try:
             with Image.open(path) as file:
@@ -136,7 +140,6 @@ class ImageFolderDataset(Dataset):
         except UNREADABLE:
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1 - index
         if self.train:
-            rng = random.Random(torch.randint(2**62, ()).item())  # seeded per worker by Lightning
             image = random_resized_crop(image, self.image_size, rng)
             if rng.random() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -203,7 +206,7 @@ class ImageFolderDataModule(ImageDataModule):
         if "train" in splits:
             augment = RandAugment.parse(self.rand_augment) if self.rand_augment else None
             self.train = datasets["train"] = ImageFolderDataset(
-                self.root / "train", self.image_size, True, self.crop_pct, augment
+                self.root / "train", self.image_size, True, self.crop_pct, augment, self.shuffle_seed
             )
         for split, dataset in datasets.items():
             if not len(dataset):

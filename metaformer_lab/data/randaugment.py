@@ -5,7 +5,7 @@ Why not import it: timm and torchvision cannot be installed next to the CPU buil
 kornia's RandAugment is a different policy (other ops, ranges and magnitude handling). Everything below follows
 timm: `n` ops per image drawn uniformly with replacement from 15 ops, each applied with probability `p` (skipped when
 `random() > p`), magnitude `m` plus Gaussian noise of std `mstd` per op call (uniform on [0, m] when `mstd` is
-`inf` or above 100), clipped to [0, mmax]; the level-to-argument mappings of `LEVEL_TO_ARG`; geometric ops fill
+`inf` or above 100), clipped to [0, mmax]; the level-to-argument mappings of `OPS`; geometric ops fill
 with the ImageNet mean pixel and resample bilinear or bicubic at random (timm's `random` train interpolation,
 the official train.py's default). All randomness is drawn from the `random.Random` passed in, so one rng state
 always gives one output.
@@ -233,12 +233,9 @@ RAND_INCREASING_OPS = (
     "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
     "TranslateXRel", "TranslateYRel",
 )  # fmt: skip
-LEVEL_TO_ARG: dict[str, LevelToArg | None] = {name: op.level_to_arg for name, op in OPS.items()}
-
-
 def level_to_arg(name: str, level: float, rng: random.Random) -> tuple:
     """The arguments op `name` gets at magnitude `level` (after noise and clipping); () for argument-free ops."""
-    mapping = LEVEL_TO_ARG[name]
+    mapping = OPS[name].level_to_arg
     return () if mapping is None else mapping(level, rng)
 
 

@@ -225,7 +225,8 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index = key[0] if isinstance(key, tuple) else key  # (index, epoch) from the training loader: no draws here
         return self.images[index], int(self.labels[index])
 
 

@@ -137,10 +137,14 @@ class ImageClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if not len(labels):  # every image of the batch was unreadable (dropped by the data module): nothing to learn
-            return None
+        if not len(labels):
+            # every image of the batch was unreadable (dropped by the data module): a zero loss with zero gradients,
+            # so that this rank still joins the other ranks' all-reduces (the check below, DDP's gradients)
+            loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+            self.trainer.strategy.reduce_boolean_decision(True, all=True)
+            return loss
         o = self.optim
         images, targets = mix_batch(
             images, labels, self.num_classes, o.label_smoothing, o.mixup_alpha, o.cutmix_alpha, o.mix_prob,
