@@ -123,31 +123,32 @@ def test_random_erasing_never_fills_the_whole_image_and_is_seeded():
     assert ((first != 0).flatten(1).float().mean(dim=1) < 0.5).all()  # the box is strictly inside (w < W, h < H)
 
 
-def _share_worker(rank: int, world: int, port: int, mode: str, results: dict) -> None:
+def _share_worker(rank: int, world: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2))
-    for layer in (model[0], model[2]):
-        layer.running_mean.fill_(float(rank))
-        layer.running_var.fill_(float(rank + 1))
-    weight = model[1].weight.detach().clone()
-    shared = share_batchnorm_stats(model, mode)
-    results[rank] = (shared, model[0].running_mean.tolist(), model[2].running_var.tolist(),
-                     bool(torch.equal(weight, model[1].weight)))  # fmt: skip
+    for mode in ("reduce", "broadcast"):
+        model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2))
+        for layer in (model[0], model[2]):
+            layer.running_mean.fill_(float(rank))
+            layer.running_var.fill_(float(rank + 1))
+        weight = model[1].weight.detach().clone()
+        shared = share_batchnorm_stats(model, mode)
+        results[rank, mode] = (shared, model[0].running_mean.tolist(), model[2].running_var.tolist(),
+                               bool(torch.equal(weight, model[1].weight)))  # fmt: skip
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize(("mode", "mean", "var"), [("reduce", 0.5, 1.5), ("broadcast", 0.0, 1.0)])
-def test_batchnorm_stats_are_averaged_over_ranks(mode, mean, var):
+def test_batchnorm_stats_are_averaged_over_ranks_or_taken_from_rank_0():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_share_worker, args=(2, port, mode, results), nprocs=2)
+    mp.spawn(_share_worker, args=(2, port, results), nprocs=2)
     for rank in (0, 1):
-        shared, running_mean, running_var, weights_untouched = results[rank]
-        assert shared == 4 and weights_untouched  # 2 layers x (mean, var); num_batches_tracked and weights untouched
-        assert running_mean == [mean, mean] and running_var == [var, var]
+        for mode, mean, var in (("reduce", 0.5, 1.5), ("broadcast", 0.0, 1.0)):
+            shared, running_mean, running_var, weights_untouched = results[rank, mode]
+            assert shared == 4 and weights_untouched  # 2 layers x (mean, var); num_batches_tracked, weights alone
+            assert running_mean == [mean, mean] and running_var == [var, var]
 
 
 def test_batchnorm_stats_untouched_outside_ddp():
