@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,29 @@ def compose_config(*overrides: str) -> DictConfig:
     register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return per_stage_groups(compose("config", overrides=list(overrides)), overrides)
+
+
+def run_cli_many(cases: dict[str, list[str]], root: Path, timeout: int = 300) -> dict[str, subprocess.CompletedProcess]:
+    """`python run.py args...` for each named case, each in its own folder under `root`, in one interpreter (the
+    imports paid once: tests/run_many.py). For command lines that stop before training."""
+    folders = {name: root / f"case{i}" for i, name in enumerate(cases)}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    payload = json.dumps([[str(folders[name]), args] for name, args in cases.items()])
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "run_many.py"), str(ROOT / "run.py"), payload], env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    codes = json.loads(driver.stdout.strip().splitlines()[-1])
+    results = {}
+    for (name, args), code in zip(cases.items(), codes, strict=True):
+        folder = folders[name]
+        results[name] = subprocess.CompletedProcess(args, code, (folder / "stdout").read_text(),
+                                                    (folder / "stderr").read_text())  # fmt: skip
+        results[name].cwd = folder  # where it ran (its runs/, if any)
+    return results
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, compose_config, run_cli
+from conftest import ROOT, compose_config, run_cli, run_cli_many
 
 from metaformer_lab.config import (
     accumulation,
@@ -92,28 +92,35 @@ def test_bad_settings_name_key_value_and_choices(override, key, words):
     assert error.value.key == key and words in str(error.value)
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("mixer=poolng", "Could not find 'mixer/poolng'"),
-        ("mixer.stages=[pooling,attention]", "error: mixer.stages=['pooling', 'attention']: a per-stage list needs 4"),
-        ("mixer.pool_size=4", "error: mixer.pool_size=4: an odd positive integer"),
-        ("optim.base_lr=-1", "error: optim.base_lr=-1: a positive number"),
-        ("+trainer.fast_dev_rn=true", "error: trainer.fast_dev_rn=True: not an argument of lightning.Trainer"),
-        # the form Hydra suggests for a missing key: the key exists now, and Hydra says how to set it
-        ("+trainer.fast_dev_run=true", "Either remove + prefix: 'trainer.fast_dev_run=true'"),
-        # the form of earlier versions: said plainly, instead of Hydra's "Multiple values for experiment"
-        ("+experiment=t5_identity", "error: +experiment='t5_identity': choose it without '+': experiment=t5_identity"),
-    ],
-)
-def test_bad_overrides_fail_before_training_without_a_traceback(tmp_path, override, message):
-    result = run_cli(override, "logger=csv", cwd=tmp_path)
-    assert result.returncode != 0 and message in result.stderr
+BAD_OVERRIDES = {
+    "mixer=poolng": "Could not find 'mixer/poolng'",
+    "mixer.stages=[pooling,attention]": "error: mixer.stages=['pooling', 'attention']: a per-stage list needs 4",
+    "mixer.pool_size=4": "error: mixer.pool_size=4: an odd positive integer",
+    "optim.base_lr=-1": "error: optim.base_lr=-1: a positive number",
+    "+trainer.fast_dev_rn=true": "error: trainer.fast_dev_rn=True: not an argument of lightning.Trainer",
+    # the form Hydra suggests for a missing key: the key exists now, and Hydra says how to set it
+    "+trainer.fast_dev_run=true": "Either remove + prefix: 'trainer.fast_dev_run=true'",
+    # the form of earlier versions: said plainly, instead of Hydra's "Multiple values for experiment"
+    "+experiment=t5_identity": "error: +experiment='t5_identity': choose it without '+': experiment=t5_identity",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_override_runs(tmp_path_factory):
+    cases = {override: [override, "logger=csv"] for override in BAD_OVERRIDES}
+    return run_cli_many(cases, tmp_path_factory.mktemp("bad_overrides"))
+
+
+@pytest.mark.parametrize("override", BAD_OVERRIDES)
+def test_bad_overrides_fail_before_training_without_a_traceback(bad_override_runs, override):
+    result = bad_override_runs[override]
+    assert result.returncode != 0 and BAD_OVERRIDES[override] in result.stderr
     assert "Traceback" not in result.stderr and "Epoch" not in result.stderr + result.stdout
     if override == "mixer=poolng":  # Hydra's own message lists the choices
         assert "Available options in 'mixer'" in result.stderr and "identity" in result.stderr
     # a run that never started leaves nothing behind: no record, no directory, no row in any table
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    runs = result.cwd / "runs"
+    assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_help_explains_this_project(tmp_path):
