@@ -182,6 +182,7 @@ _RUN_SETS = {
     "logger": "logger=wandb|csv", "callbacks": "the run (checkpoints, history, throughput)",
     "default_root_dir": "the run directory", "enable_checkpointing": "the run (last.ckpt, best.ckpt)",
     "use_distributed_sampler": "the data module (its sampler is seeded by `seed`)",
+    "plugins": "the run (atomic checkpoint writes)",
 }  # fmt: skip
 _OUR_TRAINER_KEYS = ("compile", "channels_last", "dist_bn")  # not Lightning's: applied by the run
 DIST_BN = ("reduce", "broadcast", "none")

@@ -46,6 +46,7 @@ from metaformer_lab.training.callbacks import (
     UnreadableImages,
     ValidationHistory,
 )
+from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
 from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.training.module import DivergedError, ImageClassifier, OptimSettings
 
@@ -238,7 +239,7 @@ def _build_trainer(
     arguments = dict(
         dict(num_sanity_val_steps=0, enable_model_summary=False), **trainer_args,  # defaults a user can change
         max_epochs=optim.total_epochs, gradient_clip_val=optim.grad_clip, default_root_dir=run_dir,
-        logger=loggers, use_distributed_sampler=False,
+        logger=loggers, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
         callbacks=[
             ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False),
             # every epoch, new best or not: Lightning 2.6's save_last only writes along with a new best

@@ -1,0 +1,42 @@
+"""Checkpoint files that are whole or absent: written beside their final name, flushed to disk, then renamed.
+
+Lightning's own save goes through fsspec, whose local transaction writes to the system's temp folder and moves the
+file at the end: on a cluster, where /tmp and the run directory are different filesystems, that move is a copy,
+and a job killed during it (preemption, a time limit) leaves a truncated `last.ckpt` that the requeued job cannot
+resume from. A rename within one directory is atomic: readers see the old checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)`, atomically: a temp file in the same folder, fsync, then `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with `atomic_torch_save` for local paths (remote ones keep Lightning's save)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
