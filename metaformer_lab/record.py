@@ -93,8 +93,17 @@ def write_record(run_dir: str | Path, record: RunRecord) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(asdict(record), f, indent=2, default=str)
         f.write("\n")
+    os.chmod(tmp, shared_file_mode())
     os.replace(tmp, path)
     return path
+
+
+def shared_file_mode() -> int:
+    """The mode a plain `open()` would give a new file (0o644 under the usual umask 022): mkstemp's temp files are
+    0o600, which would hide a run's files from the rest of a team on a shared cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def read_record(path: str | Path) -> RunRecord:

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from metaformer_lab.record import shared_file_mode
 from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
 
 WRITER = """
@@ -33,6 +34,7 @@ def test_a_write_that_fails_half_way_leaves_the_previous_checkpoint(tmp_path):
         AtomicCheckpointIO().save_checkpoint({"step": 2, "weights": torch.zeros(3), "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the partial file is gone
+    assert path.stat().st_mode & 0o777 == shared_file_mode()  # as a plain open() would make it, not mkstemp's 0o600
 
 
 @pytest.mark.parametrize("delay", [0.2])  # plain torch.save leaves a truncated file at 0.05, 0.2 and 0.45 s

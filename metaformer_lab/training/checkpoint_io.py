@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from metaformer_lab.record import shared_file_mode
+
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save(obj, path)`, atomically: a temp file in the same folder, fsync, then `os.replace`."""
@@ -27,6 +29,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temp, shared_file_mode())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
