@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL
 import torch
 from PIL import Image, features
 
+from metaformer_lab.data.datamodules import image_tensor
 from metaformer_lab.data.imagefolder import (
     UNREADABLE,
     ImageFolderDataset,
@@ -136,7 +136,7 @@ def _stage_pass(dataset: ImageFolderDataset, indices: list[int], rng: random.Ran
         if dataset.rand_augment is not None:
             image = dataset.rand_augment(image, rng)
         marks.append(time.perf_counter())
-        torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        image_tensor(image)
         marks.append(time.perf_counter())
         for stage, (start, end) in enumerate(itertools.pairwise(marks)):
             totals[stage] += end - start

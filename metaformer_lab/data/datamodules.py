@@ -50,6 +50,11 @@ def sample_rng(seed: int, key: SampleKey) -> tuple[int, random.Random]:
     return index, random.Random(f"{seed}/{epoch}/{index}")
 
 
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A Pillow RGB image as the uint8 [3, H, W] tensor the loaders yield."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
 def _check(key: str, value: object, ok: bool, expected: str) -> None:
     if not ok:
         raise ConfigError(key, value, expected)
@@ -58,9 +63,9 @@ def _check(key: str, value: object, ok: bool, expected: str) -> None:
 class ImageDataModule(L.LightningDataModule):
     """Shared loading: per-rank sampler, unreadable images dropped, uint8 -> normalized float on the device.
 
-    `rand_augment` (a timm policy string, per image in the loader) and `random_erasing` (a probability, per image of
-    the batch on the device, after mixup: the module applies `self.random_erasing`) are the paper recipe's
-    augmentations; both are off unless set.
+    `rand_augment` (a timm policy, parsed here; per image in the loader) and `random_erasing` (a probability, per
+    image of the batch on the device, after mixup: the module applies `self.random_erasing`) are the paper
+    recipe's augmentations; both are off unless set.
     """
 
     num_classes: int
@@ -72,9 +77,8 @@ class ImageDataModule(L.LightningDataModule):
         rand_augment: str | None, random_erasing: float,
     ) -> None:  # fmt: skip
         super().__init__()
-        if rand_augment is not None:
-            RandAugment.parse(rand_augment)  # its errors now, before any data is read
-        self.rand_augment = rand_augment
+        # parsed now: a bad policy is an error before any data is read
+        self.rand_augment = RandAugment.parse(rand_augment) if rand_augment is not None else None
         is_number = isinstance(random_erasing, int | float) and not isinstance(random_erasing, bool)
         _check("data.random_erasing", random_erasing, is_number and 0 <= random_erasing <= 1, "a probability in [0, 1]")
         self.random_erasing = RandomErasing(random_erasing) if random_erasing > 0 else None
@@ -177,8 +181,8 @@ class ShapesDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is None:
             self.train = ShapesDataset(self.train_size, self.image_size, self.seed, self.max_distractors)
-            if self.rand_augment:
-                self.train = RandAugmented(self.train, RandAugment.parse(self.rand_augment), self.shuffle_seed)
+            if self.rand_augment is not None:
+                self.train = RandAugmented(self.train, self.rand_augment, self.shuffle_seed)
             self.val = ShapesDataset(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET, self.max_distractors)
 
 
@@ -195,4 +199,4 @@ class RandAugmented(Dataset):
         index, rng = sample_rng(self.seed, key)
         image, label = self.dataset[index]
         augmented = self.rand_augment(Image.fromarray(image.permute(1, 2, 0).numpy()), rng)
-        return torch.from_numpy(np.asarray(augmented).copy()).permute(2, 0, 1), label
+        return image_tensor(augmented), label

@@ -16,12 +16,11 @@ import math
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from metaformer_lab.data.datamodules import DATASETS, ImageDataModule, SampleKey, sample_rng
+from metaformer_lab.data.datamodules import DATASETS, ImageDataModule, SampleKey, image_tensor, sample_rng
 from metaformer_lab.data.randaugment import RandAugment
 from metaformer_lab.registry import ConfigError
 
@@ -147,7 +146,7 @@ class ImageFolderDataset(Dataset):
                 image = self.rand_augment(image, rng)
         else:
             image = center_crop(image, self.image_size, self.crop_pct)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), label
+        return image_tensor(image), label
 
 
 @DATASETS.register("imagefolder")
@@ -204,9 +203,8 @@ class ImageFolderDataModule(ImageDataModule):
         self.val = ImageFolderDataset(self.root / "val", self.image_size, False, self.crop_pct)
         datasets = {"val": self.val}
         if "train" in splits:
-            augment = RandAugment.parse(self.rand_augment) if self.rand_augment else None
             self.train = datasets["train"] = ImageFolderDataset(
-                self.root / "train", self.image_size, True, self.crop_pct, augment, self.shuffle_seed
+                self.root / "train", self.image_size, True, self.crop_pct, self.rand_augment, self.shuffle_seed
             )
         for split, dataset in datasets.items():
             if not len(dataset):
