@@ -1,9 +1,11 @@
 """Train one MetaFormer ablation: `python run.py mixer=identity norm=layernorm` (or a sweep with `-m`).
 
-The composed config is handed to metaformer_lab.train; the run directory is derived from the overrides.
-`python run.py --help` lists the groups, the keys most used and how to shorten a run.
+The composed config is handed to metaformer_lab.training.launch, which trains it in this process or in one fresh
+process per device; the run directory is derived from the overrides. `python run.py --help` lists the groups, the
+keys most used and how to shorten a run.
 """
 
+import logging
 import os
 import sys
 
@@ -12,31 +14,43 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from metaformer_lab.config import check_group_syntax, check_sweep_launch, per_stage_groups, register_resolvers
+from metaformer_lab.config import check_group_syntax, per_stage_groups, register_resolvers
 from metaformer_lab.registry import ConfigError
-from metaformer_lab.train import discard_unstarted_run, train
+from metaformer_lab.train import discard_unstarted_run, now_utc
+from metaformer_lab.training.hydra_callbacks import report_job
+from metaformer_lab.training.launch import RanksFailed, launch
 
 register_resolvers()
+log = logging.getLogger("run")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    began = now_utc()
     try:
-        cfg = per_stage_groups(cfg, hydra_cfg.overrides.task)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            check_sweep_launch(cfg, os.environ)
-        record = train(cfg, run_dir)
+        record = launch(per_stage_groups(cfg, hydra_cfg.overrides.task), run_dir)
     except ConfigError as error:
         discard_unstarted_run(run_dir)  # a typo leaves no directory behind, and no row in any table
+        report_job(run_dir, "refused", str(error))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         # a bad setting is the user's to fix, not a crash: say what and stop, without a traceback
         print(f"error: {error}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if in_sweep:
             return None  # the sweep goes on with its other runs
         raise SystemExit(2) from None
+    except Exception as failure:  # the record says `failed`, with the error; the traceback is in run.log
+        report_job(run_dir, "failed", f"{type(failure).__name__}: {failure}")
+        if not in_sweep:
+            raise
+        # a rank's traceback was shown by the rank; an error in this process is shown here
+        log.error("%s failed; the sweep goes on", run_dir, exc_info=not isinstance(failure, RanksFailed))
+        return None
+    skipped = record.finished_at is not None and record.finished_at < began  # finished before this job began
+    report_job(run_dir, record.status, record.error, earlier=skipped)
     return record.best_val_top1
 
 

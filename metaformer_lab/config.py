@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from metaformer_lab.data.datamodules import DATASETS
 from metaformer_lab.models import MetaFormer, create_model
 from metaformer_lab.registry import ConfigError
+from metaformer_lab.training.gpus import jobs_at_once
 from metaformer_lab.training.module import OptimSettings
 
 # where each MetaFormer argument comes from in the config, to name it in errors
@@ -184,7 +185,7 @@ _RUN_SETS = {
     "use_distributed_sampler": "the data module (its sampler is seeded by `seed`)",
     "plugins": "the run (atomic checkpoint writes)",
 }  # fmt: skip
-_OUR_TRAINER_KEYS = ("compile", "channels_last", "dist_bn")  # not Lightning's: applied by the run
+_OUR_TRAINER_KEYS = ("compile", "channels_last", "dist_bn", "save_every_minutes")  # not Lightning's: applied by the run
 DIST_BN = ("reduce", "broadcast", "none")
 
 
@@ -204,6 +205,11 @@ def trainer_arguments(cfg: DictConfig, accumulate: int) -> dict[str, Any]:
                               + ", ".join(settable))  # fmt: skip
     if trainer["dist_bn"] not in DIST_BN:
         raise ConfigError("trainer.dist_bn", trainer["dist_bn"], DIST_BN)
+    minutes = trainer["save_every_minutes"]
+    is_number = isinstance(minutes, int | float) and not isinstance(minutes, bool)
+    if minutes is not None and not (is_number and minutes >= 0):
+        raise ConfigError("trainer.save_every_minutes", minutes, "minutes between mid-epoch saves of last.ckpt (0: "
+                          "every optimizer step), or null for epoch ends only")  # fmt: skip
     for key in _OUR_TRAINER_KEYS:
         trainer.pop(key)
     trainer["accumulate_grad_batches"] = accumulate
@@ -283,23 +289,4 @@ def run_name(override_dirname: str) -> str:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
-
-
-# set by launchers that start one process per device themselves (SLURM, torchrun, Lightning's own children)
-_EXTERNAL_LAUNCH = ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")
-
-
-def check_sweep_launch(cfg: DictConfig, environ: Mapping[str, str]) -> None:
-    """Under `-m`, Lightning's DDP re-runs the command line in each device process, and with it the whole sweep.
-
-    Refuse that combination unless a cluster launcher already starts one process per device.
-    """
-    processes = device_count(cfg.trainer) * cfg.trainer.num_nodes
-    strategy = str(cfg.trainer.strategy)
-    if processes > 1 and (strategy == "auto" or strategy.startswith("ddp")) and "spawn" not in strategy:
-        if not any(key in environ for key in _EXTERNAL_LAUNCH):
-            raise ConfigError(
-                "trainer.strategy", strategy,
-                "not under -m with Hydra's local launcher (each device process would re-launch the sweep); "
-                "run the configurations one by one, or launch the sweep on SLURM with one task per device",
-            )  # fmt: skip
+    OmegaConf.register_new_resolver("jobs_at_once", jobs_at_once, replace=True)  # launcher=gpus: GPUs / devices

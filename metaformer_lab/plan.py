@@ -45,8 +45,8 @@ from metaformer_lab.config import (
 from metaformer_lab.profile import measure_throughput
 from metaformer_lab.record import FINAL, RECORD_NAME, read_record
 from metaformer_lab.registry import ConfigError
-from metaformer_lab.train import config_changes
 from metaformer_lab.training.module import OptimSettings
+from metaformer_lab.training.start import config_changes
 
 CONF = Path(__file__).parents[1] / "conf"
 MEASURE_BATCH = 32  # enough to be representative, small enough to be quick

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*
+SCHEMA_VERSION = 4  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
+#                   4: cuda_visible_devices
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -22,7 +23,8 @@ CONFIG_AXES = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", 
 AXES = (*CONFIG_AXES, "seed", "sweep")
 # config keys that change no result: the twin of conf/config.yaml's hydra.job.config.override_dirname.exclude_keys
 NON_RESULT_KEYS = (
-    "sweep", "sweep_name", "resume", "logger", "trainer.devices", "trainer.num_nodes", "data.num_workers",
+    "sweep", "sweep_name", "resume", "logger", "launcher", "trainer.devices", "trainer.num_nodes",
+    "trainer.save_every_minutes", "data.num_workers",
 )  # fmt: skip
 
 
@@ -58,6 +60,7 @@ class RunRecord:
     device_name: str = ""  # e.g. "cpu" or "NVIDIA H100 80GB HBM3"
     precision: str = ""  # as resolved: "32", "bf16-mixed", "16-mixed"
     world_size: int = 1  # processes (devices x nodes)
+    cuda_visible_devices: str | None = None  # the GPUs the run was given (launcher=gpus pins one group per job)
     # cost, in the paper's convention (see models/counting.py)
     params: int | None = None
     frozen_params: int | None = None
@@ -87,15 +90,31 @@ def write_record(run_dir: str | Path, record: RunRecord) -> Path:
     """Write `result.json` atomically: readers see the old record or the new one, never half of one."""
     if record.status not in STATUSES:
         raise ValueError(f"status={record.status!r}: valid: {', '.join(STATUSES)}")
-    path = Path(run_dir) / RECORD_NAME
+    return write_json(Path(run_dir) / RECORD_NAME, asdict(record))
+
+
+def write_json(path: Path, content: Any) -> Path:
+    """Write a JSON file atomically (temp file beside it, then rename), with a plain file's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".result.", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     with os.fdopen(fd, "w") as f:
-        json.dump(asdict(record), f, indent=2, default=str)
+        json.dump(content, f, indent=2, default=str)
         f.write("\n")
     os.chmod(tmp, shared_file_mode())
     os.replace(tmp, path)
     return path
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be written in `folder` (created if missing), e.g. "Permission denied: runs"; None: it can."""
+    probe = folder / ".write-test"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"metaformer_lab")
+        probe.unlink()
+    except OSError as error:
+        return f"{error.strerror}: {error.filename or folder}"
+    return None
 
 
 def shared_file_mode() -> int:
@@ -111,6 +130,9 @@ def read_record(path: str | Path) -> RunRecord:
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_NAME
-    data = json.loads(path.read_text())
+    return record_from_dict(json.loads(path.read_text()))
+
+
+def record_from_dict(data: dict[str, Any]) -> RunRecord:
     known = {f.name for f in fields(RunRecord)}
     return RunRecord(**{k: v for k, v in data.items() if k in known})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from metaformer_lab.config import (
@@ -37,10 +39,11 @@ from metaformer_lab.config import (
     trainer_arguments,
 )
 from metaformer_lab.models import measure_cost
-from metaformer_lab.record import FINAL, NON_RESULT_KEYS, RECORD_NAME, RunRecord, read_record, write_record
+from metaformer_lab.record import RECORD_NAME, RunRecord, unwritable, write_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.callbacks import (
     ResumableRng,
+    SaveEvery,
     ShareBatchNormStats,
     TrainThroughput,
     UnreadableImages,
@@ -49,11 +52,12 @@ from metaformer_lab.training.callbacks import (
 from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
 from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.training.module import DivergedError, ImageClassifier, OptimSettings
+from metaformer_lab.training.start import agreed_start
 
 log = logging.getLogger(__name__)
 
 
-def _now() -> str:
+def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -86,23 +90,14 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     """
     route_library_output()
     run_dir = Path(run_dir)
-    previous = read_record(run_dir) if (run_dir / RECORD_NAME).exists() else None
     config = OmegaConf.to_container(cfg, resolve=True)
-    changed = config_changes(previous.config, config) if previous is not None else []
-    if previous is not None and previous.status in FINAL:
-        log.info("%s: already %s (best val top-1 %s); skipping", run_dir, previous.status, previous.best_val_top1)
-        if changed:
-            log.warning("%s was run with other settings (%s); delete it to run again", run_dir, ", ".join(changed))
-        return previous
-    if changed and previous.status in ("running", "interrupted") and cfg.resume is None:
-        raise ConfigError(
-            "resume", None,
-            f"{run_dir} holds an unfinished run with other settings ({', '.join(changed)}); delete it to start "
-            "over, or resume it anyway with resume=<its checkpoints/last.ckpt>",
-        )  # fmt: skip
+    begin = agreed_start(config, run_dir)  # decided once per run, whatever the number of processes
+    if begin.skip:
+        return begin.previous
+    previous = begin.previous
 
     start = time.perf_counter()
-    record = RunRecord(run_dir=str(run_dir), seed=cfg.seed, started_at=_now(), versions=_versions(), config=config)
+    record = RunRecord(run_dir=str(run_dir), seed=cfg.seed, started_at=now_utc(), versions=_versions(), config=config)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model: its init is part of the seed
     optim = build_optim(cfg)
     datamodule = build_datamodule(cfg)
@@ -119,21 +114,21 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     record.git_commit = _git_commit()
 
     checkpoints = run_dir / "checkpoints"
-    ckpt_path = cfg.resume
-    if ckpt_path is None and previous is not None and previous.status in ("running", "interrupted"):
-        last = checkpoints / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
-    resuming = ckpt_path is not None and previous is not None
+    ckpt_path, resuming = begin.checkpoint, begin.resuming
     if resuming:
         record.started_at, record.wandb_id = previous.started_at, previous.wandb_id
     trainer, history, throughput, wandb = _build_trainer(cfg, run_dir, record, optim, trainer_args, callbacks, resuming)
     record.world_size = trainer.world_size
+    record.cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     check_validation_interval(trainer_args, record.train_images, cfg.data.batch_size, trainer.world_size)
     device = trainer.strategy.root_device
     record.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
     is_rank_zero = trainer.global_rank == 0
     if is_rank_zero:
+        check_room(run_dir, record.params)
+        for partial in checkpoints.glob(".*.partial"):  # a write that a kill -9 cut short (the checkpoint is whole)
+            partial.unlink()
         if ckpt_path is None:  # a failed run starts over: its checkpoints and metrics must not be mistaken for results
             for folder in (checkpoints, run_dir / "csv"):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -165,7 +160,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
         raise
     finally:
         _summarize(record, trainer, history, throughput)
-        record.status, record.error, record.finished_at = status, error, _now()
+        record.status, record.error, record.finished_at = status, error, now_utc()
         record.wall_time_s = (previous.wall_time_s if resuming else 0.0) + time.perf_counter() - start
         if is_rank_zero:
             write_record(run_dir, record)
@@ -177,10 +172,28 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     return record
 
 
+def check_room(run_dir: Path, params: int) -> None:
+    """Before training: the run directory is writable and its disk has room for the checkpoints (best.ckpt,
+    last.ckpt and one being written: weights and AdamW's two moments, 12 bytes a parameter), plus 100 MB of logs."""
+    if why := unwritable(run_dir):
+        raise ConfigError("hydra.run.dir", str(run_dir), f"cannot write there ({why}); set hydra.run.dir (or "
+                          "hydra.sweep.dir under -m) to a writable directory")  # fmt: skip
+    checkpoint = 12 * params
+    need, free = 3 * checkpoint + 100 * 2**20, shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(
+            "hydra.run.dir", str(run_dir),
+            f"its disk has {free / 2**30:.2f} GB free; this run needs about {need / 2**30:.2f} GB (three "
+            f"checkpoints of {checkpoint / 2**20:.0f} MB while one is written, and logs): free some space, or set "
+            "hydra.run.dir (hydra.sweep.dir under -m) to another disk",
+        )  # fmt: skip
+
+
 def discard_unstarted_run(run_dir: str | Path) -> None:
-    """Remove a run directory that holds only what Hydra wrote before the run was refused (.hydra/, run.log)."""
+    """Remove a run directory that holds only what was written before the run was refused (.hydra/, run.log, and
+    .launch/ when its ranks refused it)."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "run.log"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", ".launch", "run.log"}:
         shutil.rmtree(run_dir)
 
 
@@ -236,16 +249,22 @@ def _build_trainer(
         loggers.append(wandb)
     history, throughput = ValidationHistory(), TrainThroughput()
     checkpoints = run_dir / "checkpoints"
+    extra: list[L.Callback] = []
+    if (minutes := cfg.trainer.save_every_minutes) is not None:
+        extra.append(SaveEvery(checkpoints / "last.ckpt", minutes))
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # requeue is submitit's (launcher=slurm): Lightning's own would be a second owner
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     arguments = dict(
         dict(num_sanity_val_steps=0, enable_model_summary=False), **trainer_args,  # defaults a user can change
         max_epochs=optim.total_epochs, gradient_clip_val=optim.grad_clip, default_root_dir=run_dir,
-        logger=loggers, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        logger=loggers, use_distributed_sampler=False, plugins=plugins,
         callbacks=[
             ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False),
             # every epoch, new best or not: Lightning 2.6's save_last only writes along with a new best
             ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
             history, throughput, ResumableRng(), ShareBatchNormStats(cfg.trainer.dist_bn), UnreadableImages(),
-            *callbacks,
+            *extra, *callbacks,
         ],
     )  # fmt: skip
     try:
@@ -254,21 +273,6 @@ def _build_trainer(
         settings = " ".join(f"{key}={trainer_args[key]}" for key in ("accelerator", "devices", "strategy", "precision"))
         raise ConfigError("trainer", settings, f"Lightning cannot set this up: {error}") from None
     return trainer, history, throughput, wandb
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """The keys whose values differ between two resolved configs, ignoring settings that change no result."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        name = prefix + key
-        if name in NON_RESULT_KEYS:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, name + ".")
-        elif a != b:
-            changes.append(name)
-    return changes
 
 
 def _finish_wandb(logger: WandbLogger, record: RunRecord) -> None:

@@ -38,7 +38,7 @@ def run_cli_many(cases: dict[str, list[str]], root: Path, timeout: int = 300) ->
     imports paid once: tests/run_many.py). For command lines that stop before training."""
     folders = {name: root / f"case{i}" for i, name in enumerate(cases)}
     for folder in folders.values():
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     payload = json.dumps([[str(folders[name]), args] for name, args in cases.items()])
     driver = subprocess.run(

@@ -153,16 +153,6 @@ def test_lightning_setup_errors_are_config_errors_that_leave_no_record(tmp_path)
     assert not (tmp_path / "result.json").exists()
 
 
-def test_ddp_under_a_local_sweep_is_refused_also_as_auto():
-    from metaformer_lab.config import check_sweep_launch
-
-    for strategy in ("ddp", "auto"):
-        with pytest.raises(ConfigError, match="re-launch the sweep"):
-            check_sweep_launch(compose_config(f"trainer.strategy={strategy}", "trainer.devices=2"), {})
-    check_sweep_launch(compose_config("trainer.strategy=ddp", "trainer.devices=2"), {"SLURM_NTASKS": "2"})
-    check_sweep_launch(compose_config(), {})
-
-
 @pytest.mark.parametrize("group, choices", [
     ("mixer", ["pooling", "pooling", "attention", "attention"]),
     ("norm", ["batchnorm", "batchnorm", "layernorm", "layernorm"]),

@@ -1,14 +1,25 @@
-"""Faults a long run meets: a job killed while it writes a checkpoint."""
+"""Faults a long run meets, each as it happens: kills, failing and diverging jobs, dead ranks, bad disks."""
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 import time
+import uuid
+from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUICK, ROOT, compose_config, run_cli, run_cli_many
 
-from metaformer_lab.record import shared_file_mode
+from metaformer_lab.record import read_record, shared_file_mode
+from metaformer_lab.registry import ConfigError
+from metaformer_lab.train import train
 from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
+
+FAULTS = str(ROOT / "tests" / "faults")  # sitecustomize.py: injects failures into the processes a test starts
 
 WRITER = """
 import sys, torch
@@ -52,3 +63,126 @@ def test_kill_9_during_a_write_leaves_a_whole_checkpoint(tmp_path, delay):
         writer.wait()
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["version"] >= 1 and checkpoint["weights"][-1] == 11_999_999
+
+
+def _only_record(root: Path):
+    [path] = root.rglob("result.json")
+    return read_record(path)
+
+
+def test_kill_9_mid_epoch_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path):
+    # drop path and mixup draw random numbers every step; two micro-batches per optimizer step; a checkpoint after
+    # every optimizer step (trainer.save_every_minutes=0), so the kill lands after a mid-epoch one
+    args = [*QUICK, "optim.epochs=3", "data.batch_size=32", "model.drop_path_rate=0.1", "optim.mixup_alpha=0.8",
+            "optim.cutmix_alpha=1.0", "trainer.save_every_minutes=0"]  # fmt: skip
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "killed").mkdir()
+    assert run_cli(*args, cwd=tmp_path / "straight").returncode == 0
+    slow = {"PYTHONPATH": FAULTS, "METAFORMER_TEST_FAULTS": json.dumps({"sleep_s": 0.2})}  # the same numbers
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **slow}
+    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path / "killed", env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        step, deadline = None, time.monotonic() + 120
+        while step not in (5, 6):  # 4 optimizer steps an epoch: 5 and 6 are in the middle of the second
+            assert job.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+            last = list((tmp_path / "killed").rglob("last.ckpt"))
+            step = torch.load(last[0], weights_only=True)["global_step"] if last else None
+            time.sleep(0.02)
+    finally:
+        job.kill()  # SIGKILL: no handler runs, the record still says `running`
+        job.wait()
+    assert _only_record(tmp_path / "killed").status == "running"
+    [checkpoints] = (tmp_path / "killed").rglob("checkpoints")
+    (checkpoints / ".last.ckpt.x1y2.partial").write_bytes(b"half a checkpoint")  # as a kill during a write leaves
+    again = run_cli(*args, cwd=tmp_path / "killed")
+    assert again.returncode == 0 and "resuming from" in again.stdout
+    straight, resumed = _only_record(tmp_path / "straight"), _only_record(tmp_path / "killed")
+    assert resumed.status == "completed" and (resumed.epochs, resumed.steps) == (3, 12)
+    assert (resumed.best_val_top1, resumed.final_val_top1) == (straight.best_val_top1, straight.final_val_top1)
+
+    def weights(run: str) -> dict:
+        [path] = (tmp_path / run).rglob("last.ckpt")
+        return torch.load(path, weights_only=True)["state_dict"]
+
+    a, b = weights("straight"), weights("killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same machine, same kernels: bit for bit
+    assert not list(checkpoints.glob("*.partial"))  # cleared when the run resumed
+
+
+def test_a_failing_and_a_diverging_job_do_not_stop_the_sweep(tmp_path):
+    env = {"PYTHONPATH": FAULTS, "METAFORMER_TEST_FAULTS": json.dumps({"mixer=identity": "raise",
+                                                                        "mixer=attention": "nan"})}  # fmt: skip
+    result = run_cli("-m", "mixer=identity,attention,pooling", *QUICK, cwd=tmp_path, env=env)
+    assert result.returncode == 1  # not every job completed
+    assert "sweep of 3 jobs: 1 completed, 1 diverged, 1 failed" in result.stdout
+    assert "injected failure" in result.stdout and "loss is nan" in result.stdout
+    records = {r.mixer: r for r in (read_record(p) for p in (tmp_path / "runs").rglob("result.json"))}
+    assert {m: r.status for m, r in records.items()} == {
+        "identity": "failed", "attention": "diverged", "pooling": "completed"
+    }  # fmt: skip
+    assert "RuntimeError: injected failure" in records["identity"].error
+    assert "Traceback" in next((tmp_path / "runs").glob("*mixer=identity*/run.log")).read_text()
+
+
+def _processes_with(marker: str) -> dict[int, list[bytes]]:
+    """pid -> environment of the live processes that carry `marker` in theirs."""
+    found = {}
+    for folder in Path("/proc").iterdir():
+        if folder.name.isdigit():
+            try:
+                environ = (folder / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"TEST_MARKER={marker}".encode() in environ:
+                found[int(folder.name)] = environ
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank processes through /proc")
+def test_a_dead_rank_ends_the_job_without_a_hang_or_an_orphan(tmp_path):
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "TEST_MARKER": marker,
+           "PYTHONPATH": FAULTS, "METAFORMER_TEST_FAULTS": json.dumps({"sleep_s": 0.3})}  # fmt: skip
+    args = ["-m", *QUICK, "optim.epochs=20", "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2"]
+    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:  # until both ranks train
+        rank_1 = [pid for pid, environ in _processes_with(marker).items() if b"RANK=1" in environ]
+        record = list(tmp_path.rglob("result.json"))  # written by rank 0 just before training
+        if rank_1 and record and read_record(record[0]).status == "running":
+            break
+        assert job.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2)  # a few steps in
+    os.kill(min(rank_1), 9)  # as the out-of-memory killer would
+    killed = time.monotonic()
+    output, _ = job.communicate(timeout=180)
+    assert time.monotonic() - killed < 90  # torchrun stops the other rank (it would wait 30 min for its peer)
+    assert job.returncode == 1 and "sweep of 1 job: 1 failed" in output
+    time.sleep(1)
+    assert _processes_with(marker) == {}  # no rank, loader or torchrun left behind
+    record = _only_record(tmp_path / "runs")
+    assert record.status == "failed" and record.error.startswith("rank 1 ended (Signal 9 (SIGKILL))")
+
+
+def test_an_unwritable_output_directory_stops_before_anything_starts(tmp_path):
+    cases = {"run": ["hydra.run.dir=a_file/run", *QUICK], "sweep": ["-m", "hydra.sweep.dir=a_file/runs", "seed=0,1"]}
+    for i in range(2):  # where each case runs (tests/run_many.py), a file stands where a folder should be
+        (tmp_path / f"case{i}").mkdir()
+        (tmp_path / f"case{i}" / "a_file").write_text("")
+    results = run_cli_many(cases, tmp_path)
+    for name, key in (("run", "hydra.run.dir='a_file/run'"), ("sweep", "hydra.sweep.dir='a_file/runs'")):
+        result = results[name]
+        assert result.returncode == 2
+        assert f"error: {key}: cannot write there (Not a directory" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_stops_a_run_before_training_with_what_it_needs(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 50 * 2**20, 50 * 2**20))
+    with pytest.raises(ConfigError, match=r"hydra.run.dir=.*its disk has 0.05 GB free; this run needs about 0.10 GB"):
+        train(compose_config(*QUICK), tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()

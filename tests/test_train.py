@@ -60,7 +60,7 @@ def test_per_stage_mixers_from_one_override(tmp_path):
 def test_record_schema_of_a_completed_run(tmp_path):
     train(compose_config(*QUICK, "optim.epochs=1", "seed=3"), tmp_path)
     data = json.loads((tmp_path / "result.json").read_text())
-    assert data["schema_version"] == 3 and data["status"] in STATUSES
+    assert data["schema_version"] == 4 and data["status"] in STATUSES
     assert data["unreadable_images"] == {"train": 0, "val": 0} and data["unreadable_paths"] == []
     assert (data["schedule"], data["train_images"], data["world_size"]) == ("1 ep", 256, 1)
     assert (data["accelerator"], data["device_name"], data["precision"]) == ("cpu", "cpu", "32")
@@ -234,15 +234,3 @@ def test_wandb_offline_run_has_the_axes_in_its_config(tmp_path, monkeypatch):
     assert {"mixer=identity", "norm=batchnorm", "act=gelu", "seed=0"} <= snapshot.tags
     assert snapshot.config["mixer"] == "identity" and snapshot.config["norm"] == "batchnorm"
     assert snapshot.config["params"] == record.params and snapshot.config["config"]["optim"]["epochs"] == 1
-
-
-def test_ddp_on_two_cpu_processes_writes_exactly_one_record(tmp_path):
-    # BatchNorm: its running statistics are averaged over the ranks (trainer.dist_bn=reduce) before validation
-    args = [*QUICK, "optim.epochs=1", "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2"]
-    args.append("norm=batchnorm")
-    result = run_cli(*args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = only_record(tmp_path / "runs")
-    assert record.status == "completed" and record.global_batch == 64 and record.steps == 4
-    assert "trainer.devices" not in Path(record.run_dir).name  # the device count does not change the run
-    assert record.norm == "batchnorm" and record.config["trainer"]["dist_bn"] == "reduce"

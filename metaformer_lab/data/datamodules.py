@@ -12,6 +12,7 @@ same for any `num_workers` and after a resume.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -38,10 +39,21 @@ SampleKey = int | tuple[int, int]  # an index, or (index, epoch) from the traini
 
 
 class EpochSampler(DistributedSampler):
-    """A DistributedSampler that yields `(index, epoch)` (Lightning calls `set_epoch` at each epoch's start)."""
+    """A DistributedSampler that yields `(index, epoch)` (Lightning calls `set_epoch` at each epoch's start).
+
+    `resume_at(epoch, images)` drops the first images of that epoch: a run resumed from a mid-epoch checkpoint goes
+    on with the images the epoch had left, in the same order. (Every pass over that epoch skips them: Lightning
+    starts and drops an iterator before the one it trains with.)
+    """
+
+    resume_epoch, resume_images = -1, 0
+
+    def resume_at(self, epoch: int, images: int) -> None:
+        self.resume_epoch, self.resume_images = epoch, images
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((index, self.epoch) for index in super().__iter__())
+        skip = self.resume_images if self.epoch == self.resume_epoch else 0
+        return ((index, self.epoch) for index in itertools.islice(super().__iter__(), skip, None))
 
 
 def sample_rng(seed: int, key: SampleKey) -> tuple[int, random.Random]:
@@ -94,6 +106,8 @@ class ImageDataModule(L.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.train: Dataset | None = None
         self.val: Dataset | None = None
+        self._train_sampler: EpochSampler | None = None
+        self._resume_at = (-1, 0)  # (epoch, images of it done) from a checkpoint
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         """(train, val) image counts, without loading anything; None where unknown. For cost estimates."""
@@ -112,10 +126,28 @@ class ImageDataModule(L.LightningDataModule):
         sampler = (EpochSampler if train else DistributedSampler)(
             dataset, world, rank, shuffle=train, seed=self.shuffle_seed, drop_last=train
         )
+        if train:
+            sampler.resume_at(*self._resume_at)
+            self._train_sampler = sampler
         return DataLoader(
             dataset, self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            # its own generator: a loader's iterator draws its workers' base seed, which would otherwise come from
+            # the global stream that drop path and mixup use, and shift it differently on a mid-epoch resume
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
         )  # fmt: skip
+
+    # Checkpointed with the run (Lightning saves a data module's state): the epoch and the training batches of it
+    # done, so that a run resumed from a mid-epoch checkpoint goes on with the images that epoch had left.
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches_done": done if done < trainer.num_training_batches else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (state["epoch"], state["batches_done"] * self.batch_size)
+        if self._train_sampler is not None:  # the loader may be made before the checkpoint is read
+            self._train_sampler.resume_at(*self._resume_at)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, train=True)

@@ -94,6 +94,8 @@ def route_library_output() -> None:
             logger.addFilter(_not_noise)
     # an internal deprecation between Lightning and newer torch: nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # it looks only at the loader; the data module's own state (data/datamodules.py) resumes mid-epoch exactly
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def wandb_location(logger: WandbLogger) -> str | None:

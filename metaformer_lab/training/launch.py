@@ -1,0 +1,197 @@
+"""Where a run's processes come from: this one, the cluster's, or fresh ones started per job with torchrun.
+
+Lightning's own DDP launcher re-runs the command line in each device process: under `-m` every child would run the
+whole sweep, and the parent keeps its DDP state after the first job (Lightning #18175, unfixed). So a job that needs
+several processes and was not given them by a cluster launcher (SLURM tasks, or a torchrun the user started):
+1. decides once how its run starts (skip, resume, start over) and publishes that decision,
+2. saves its resolved config in `<run dir>/.launch/config.yaml`,
+3. runs `torchrun --standalone --nproc-per-node=N -m metaformer_lab.training.launch <run dir>`: every rank trains
+   that config, and rank 0 writes the record,
+4. reads the outcome from `result.json`; a rank that died (killed, out of memory) makes the record `failed`.
+Fresh processes per job, so nothing leaks from one job of a sweep into the next; torchrun stops the other ranks
+when one dies, so a job never hangs on a dead peer. `launcher=gpus` takes this path for every job, since only a
+fresh process can be given its own GPUs.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import logging
+import logging.config
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from metaformer_lab.config import device_count
+from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_json, write_record
+from metaformer_lab.registry import ConfigError
+from metaformer_lab.train import now_utc, train
+from metaformer_lab.training.gpus import pinned_gpus
+from metaformer_lab.training.start import LAUNCH_DIR, START_TOKEN, cluster_rank, decide_start, publish
+
+log = logging.getLogger(__name__)
+
+LOGGING = Path(__file__).parents[2] / "conf" / "hydra" / "job_logging" / "run.yaml"
+STOP_GRACE_S = 60  # after Ctrl-C, how long the ranks get to write their record before they are killed
+
+
+class RanksFailed(RuntimeError):
+    """A rank process of a job ended abnormally; the run's record says `failed` with the reason."""
+
+
+def processes_wanted(cfg: DictConfig) -> int:
+    return device_count(cfg.trainer) * cfg.trainer.num_nodes
+
+
+def launch(cfg: DictConfig, run_dir: str | Path) -> RunRecord:
+    """Train `cfg` in `run_dir` with as many processes as it asks for; returns its record."""
+    run_dir = Path(run_dir)
+    processes = processes_wanted(cfg)
+    if (ranks := cluster_rank(os.environ)) is not None:  # SLURM tasks or a user's torchrun: one per device
+        if ranks[1] != processes:
+            raise ConfigError(
+                "trainer.devices", cfg.trainer.devices,
+                f"the cluster launcher started {ranks[1]} processes, but trainer.devices x trainer.num_nodes = "
+                f"{processes}: start one task per device (launcher=slurm does), or set these to match",
+            )  # fmt: skip
+        return train(cfg, run_dir)
+    if cfg.launcher.pin_gpus:
+        with pinned_gpus(device_count(cfg.trainer)) as gpus:
+            return train_in_fresh_processes(cfg, run_dir, processes, gpus)
+    strategy = str(cfg.trainer.strategy)
+    starts_its_own = "spawn" in strategy or "fork" in strategy or "notebook" in strategy  # no re-run of argv
+    if processes == 1 or starts_its_own:
+        return train(cfg, run_dir)
+    if cfg.trainer.num_nodes > 1:
+        raise ConfigError(
+            "trainer.num_nodes", cfg.trainer.num_nodes,
+            "more than one node needs a cluster launcher to start the processes on each: launcher=slurm (or "
+            "torchrun on each node)",
+        )  # fmt: skip
+    return train_in_fresh_processes(cfg, run_dir, processes, None)
+
+
+def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpus: str | None) -> RunRecord:
+    """Steps 1-4 of the module's docstring; `gpus`: the CUDA_VISIBLE_DEVICES the ranks get (None: unchanged)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    start = decide_start(config, run_dir)
+    if start.skip:
+        return start.previous
+    launch_dir = run_dir / LAUNCH_DIR
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    (launch_dir / "error.json").unlink(missing_ok=True)
+    OmegaConf.save(config, launch_dir / "config.yaml")
+    token = uuid.uuid4().hex
+    publish(run_dir, token, start)
+    env = {**os.environ, START_TOKEN: token}
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // processes)))  # torchrun would set 1, with a warning
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+        "-m", __name__, str(run_dir),
+    ]  # fmt: skip
+    log.info("training in %d fresh process%s (torchrun)%s", processes, "es" * (processes > 1),
+             f" on GPUs {gpus}" if gpus is not None else "")  # fmt: skip
+    before = (run_dir / RECORD_NAME).stat().st_mtime_ns if (run_dir / RECORD_NAME).exists() else None
+    code, output_tail = _run_torchrun(command, env)
+    if (launch_dir / "error.json").exists():  # a bad setting, found by the ranks' checks; nothing was written
+        raise ConfigError(*json.loads((launch_dir / "error.json").read_text()))
+    written = (run_dir / RECORD_NAME).exists() and (run_dir / RECORD_NAME).stat().st_mtime_ns != before
+    record = read_record(run_dir) if written else None
+    if code == 0 and record is not None and record.status != "running":
+        return record
+    cause = rank_failure(output_tail)
+    if cause is None and record is not None and record.status == "failed":
+        raise RanksFailed(record.error)  # rank 0's own error, in the record
+    cause = cause or f"torchrun exited with status {code}"
+    if record is None:
+        raise RanksFailed(f"the ranks ended before the run started: {cause}")
+    if record.status in ("running", "interrupted", "failed"):
+        # rank 0 could not say why (killed, or stopped by torchrun), or said only what it saw of a dead peer
+        then = f"; rank 0 then: {record.error.splitlines()[0][:300]}" if record.status == "failed" else ""
+        record.status, record.error, record.finished_at = "failed", cause + then, now_utc()
+        write_record(run_dir, record)
+    raise RanksFailed(record.error)
+
+
+def rank_failure(output: str) -> str | None:
+    """The first failure torchrun reports ("Root Cause"), in a line: which rank, and how it ended."""
+    root = output.rpartition("Root Cause")[2]
+    rank = re.search(r"rank\s*:\s*(\d+)", root)
+    how = re.search(r"traceback\s*:\s*(Signal \d+ \(\w+\))", root) or re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    if rank is None or how is None:
+        return None
+    ended = how.group(1) if how.group(1).startswith("Signal") else f"exit code {how.group(1)}"
+    return f"rank {rank.group(1)} ended ({ended}); torchrun stopped the others"
+
+
+def _run_torchrun(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run torchrun, its stderr shown and its last lines kept; stopped (and waited for) if this process is."""
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+
+    def relay() -> None:
+        for line in process.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+
+    relaying = threading.Thread(target=relay, daemon=True)
+    relaying.start()
+    try:
+        code = process.wait()
+    except BaseException:  # Ctrl-C (torchrun got it too) or a stop: let the ranks write their record, then go
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    relaying.join(timeout=10)
+    return code, "".join(tail)
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child: SIGTERM it if this job's process dies (kill -9 included), so no rank outlives it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _log_like_a_job(run_dir: Path, rank: int) -> None:
+    """The job's logging (conf/hydra/job_logging/run.yaml): rank 0 to the console and run.log, others warnings."""
+    config = yaml.safe_load(LOGGING.read_text())
+    config["handlers"]["file"]["filename"] = str(run_dir / "run.log")
+    if rank != 0:
+        del config["handlers"]["file"]
+        config["root"] = {"level": "WARNING", "handlers": ["console"]}
+    logging.config.dictConfig(config)
+
+
+def rank_main(run_dir: Path) -> int:
+    """One rank, as torchrun starts it: train the job's saved config with the job's decision."""
+    rank = int(os.environ.get("RANK", "0"))
+    _log_like_a_job(run_dir, rank)
+    cfg = OmegaConf.load(run_dir / LAUNCH_DIR / "config.yaml")
+    try:
+        train(cfg, run_dir)
+    except ConfigError as error:
+        if rank == 0:  # the job says it (as a job that trains in its own process would)
+            write_json(run_dir / LAUNCH_DIR / "error.json", [error.key, error.value, error.expected])
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(rank_main(Path(sys.argv[1])))
