@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -107,7 +108,7 @@ def write_json(path: Path, content: Any) -> Path:
 
 def unwritable(folder: Path) -> str | None:
     """Why no file can be written in `folder` (created if missing), e.g. "Permission denied: runs"; None: it can."""
-    probe = folder / ".write-test"
+    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"  # ranks may probe at once
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"metaformer_lab")

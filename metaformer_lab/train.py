@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from submitit.core.utils import UncompletedJobError
 
 from metaformer_lab.config import (
     accumulation,
@@ -33,6 +34,7 @@ from metaformer_lab.config import (
     build_model,
     build_optim,
     check_validation_interval,
+    device_count,
     resolve_device,
     run_axes,
     schedule_label,
@@ -52,7 +54,7 @@ from metaformer_lab.training.callbacks import (
 from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
 from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.training.module import DivergedError, ImageClassifier, OptimSettings
-from metaformer_lab.training.start import agreed_start
+from metaformer_lab.training.start import agreed_start, slurm_runs_the_ranks
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,11 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     device = trainer.strategy.root_device
     record.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
+    check_room(run_dir, record.params)  # on every rank: a refusal on rank 0 alone would leave the others waiting
+    if ckpt_path is not None:
+        check_resume_world(ckpt_path, trainer.world_size)
     is_rank_zero = trainer.global_rank == 0
     if is_rank_zero:
-        check_room(run_dir, record.params)
         for partial in checkpoints.glob(".*.partial"):  # a write that a kill -9 cut short (the checkpoint is whole)
             partial.unlink()
         if ckpt_path is None:  # a failed run starts over: its checkpoints and metrics must not be mistaken for results
@@ -152,7 +156,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
         status, error = "completed", None
     except DivergedError as diverged:
         status, error = "diverged", str(diverged)
-    except (KeyboardInterrupt, SystemExit) as stop:
+    except (KeyboardInterrupt, SystemExit, UncompletedJobError) as stop:  # the last: submitit's requeues ran out
         status, error = "interrupted", f"{type(stop).__name__}: stopped before the end; a re-run resumes"
         raise
     except Exception as failure:
@@ -186,6 +190,22 @@ def check_room(run_dir: Path, params: int) -> None:
             f"its disk has {free / 2**30:.2f} GB free; this run needs about {need / 2**30:.2f} GB (three "
             f"checkpoints of {checkpoint / 2**20:.0f} MB while one is written, and logs): free some space, or set "
             "hydra.run.dir (hydra.sweep.dir under -m) to another disk",
+        )  # fmt: skip
+
+
+def check_resume_world(checkpoint: str, world_size: int) -> None:
+    """A checkpoint saved mid-epoch resumes only on as many processes as saved it: each rank's place in the epoch
+    is its own (an epoch-end checkpoint resumes on any number)."""
+    if not Path(checkpoint).is_file():
+        raise ConfigError("resume", checkpoint, "no such checkpoint file")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    position = next((v for k, v in saved.items() if isinstance(v, dict) and "batches_done" in v), None)
+    if position and position["batches_done"] and position.get("world_size", world_size) != world_size:
+        raise ConfigError(
+            "trainer.devices", f"{world_size} processes",
+            f"{checkpoint} was saved in the middle of epoch {position['epoch']} by {position['world_size']} "
+            "processes: resume it with trainer.devices x trainer.num_nodes = the same number (or from a checkpoint "
+            "saved at an epoch's end)",
         )  # fmt: skip
 
 
@@ -253,8 +273,8 @@ def _build_trainer(
     if (minutes := cfg.trainer.save_every_minutes) is not None:
         extra.append(SaveEvery(checkpoints / "last.ckpt", minutes))
     plugins: list = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # requeue is submitit's (launcher=slurm): Lightning's own would be a second owner
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    if slurm_runs_the_ranks(device_count(cfg.trainer) * cfg.trainer.num_nodes):
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # requeue is submitit's: Lightning's would be a second
     arguments = dict(
         dict(num_sanity_val_steps=0, enable_model_summary=False), **trainer_args,  # defaults a user can change
         max_epochs=optim.total_epochs, gradient_clip_val=optim.grad_clip, default_root_dir=run_dir,

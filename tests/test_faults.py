@@ -186,3 +186,21 @@ def test_a_full_disk_stops_a_run_before_training_with_what_it_needs(tmp_path, mo
     with pytest.raises(ConfigError, match=r"hydra.run.dir=.*its disk has 0.05 GB free; this run needs about 0.10 GB"):
         train(compose_config(*QUICK), tmp_path / "run")
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_the_sweep_summary_counts_every_outcome_and_says_what_to_do():
+    from metaformer_lab.training.hydra_callbacks import summarize
+
+    jobs = [
+        {"run_dir": "runs/a", "status": "completed", "detail": None, "earlier": True},
+        {"run_dir": "runs/b", "status": "completed", "detail": None, "earlier": False},
+        {"run_dir": "runs/c", "status": "refused", "detail": "mixer='x': valid choices: ...", "earlier": False},
+    ]
+    lines, all_good = summarize(jobs, expected=4)
+    assert not all_good and lines[0] == (
+        "sweep of 4 jobs: 2 completed, 1 refused, 1 of them finished before (skipped), 1 ended without a report "
+        "(killed?)"
+    )
+    assert lines[1] == "  refused     runs/c: mixer='x': valid choices: ..." and "starts failed ones over" in lines[2]
+    assert summarize(jobs[:2], expected=2) == (["sweep of 2 jobs: 2 completed, 1 of them finished before (skipped)"],
+                                               True)  # fmt: skip

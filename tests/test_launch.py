@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import yaml
 from conftest import QUICK, ROOT, run_cli
 from hydra import compose, initialize_config_dir
 
+from metaformer_lab.plan import compose_job
 from metaformer_lab.record import read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.gpus import jobs_at_once, pinned_gpus
@@ -112,6 +115,7 @@ def test_slurm_launcher_submits_one_task_per_gpu_on_two_nodes_of_eight(tmp_path)
                  "--signal=USR2@300", "--time=2880", "--array=0-1%2", "--open-mode=append"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script, line
     assert re.search(r"^srun .*submitit\.core\._submit", script, re.MULTILINE)
+    assert "export SLURM_KILL_BAD_EXIT=1\n" in script  # a dead task ends the others
 
 
 def test_slurm_launcher_ties_nodes_and_tasks_to_the_trainer():
@@ -121,3 +125,46 @@ def test_slurm_launcher_ties_nodes_and_tasks_to_the_trainer():
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (3, 4, 4)
     assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60
     assert cfg.launcher.pin_gpus is False  # SLURM gives each job its GPUs
+
+
+def test_slurm_tasks_decide_once_and_train_as_the_ranks_of_one_run(tmp_path):
+    # two tasks of a requeued SLURM job on this machine, as srun starts them (Lightning's SLURMEnvironment reads these)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1",
+             "SLURM_JOB_NAME": "table5", "SLURM_NODELIST": "localhost", "SLURM_NTASKS_PER_NODE": "2",
+             "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}  # fmt: skip
+    args = [*QUICK, "optim.epochs=1", "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2"]
+    # the decision the job's first launch left: rank 1 must wait for rank 0's, not take this one
+    run_dir = tmp_path / compose_job(args)[1]
+    stale = {"token": "slurm/4242/0", "checkpoint": "/nowhere/last.ckpt", "previous": None}
+    (run_dir / ".launch").mkdir(parents=True)
+    (run_dir / ".launch" / "start.json").write_text(json.dumps(stale))
+
+    def task(rank: str) -> subprocess.Popen:
+        env = {**os.environ, **slurm, "SLURM_PROCID": rank, "SLURM_LOCALID": rank}
+        return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+    second = task("1")
+    time.sleep(5)
+    assert second.poll() is None and not (run_dir / "result.json").exists()  # waiting for rank 0
+    first = task("0")
+    outputs = [process.communicate(timeout=240)[0] for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "completed:" in outputs[0] and "completed:" not in outputs[1]  # rank 0 writes and says it
+    record = read_record(run_dir)
+    assert record.status == "completed" and record.world_size == 2 and record.steps == 4
+    decision = json.loads((run_dir / ".launch" / "start.json").read_text())
+    assert decision == {"token": "slurm/4242/1", "checkpoint": None, "previous": None}
+
+
+def test_ranks_a_user_started_with_torchrun_train_one_run(tmp_path):
+    # each rank runs run.py; rank 0 decides and the others read it from torchrun's store
+    args = [*QUICK, "optim.epochs=1", "data.batch_size=32", "trainer.strategy=ddp", "trainer.devices=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", ROOT / "run.py"]
+    result = subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = (tmp_path / "runs").rglob("result.json")
+    record = read_record(path)
+    assert record.status == "completed" and record.world_size == 2 and record.steps == 4
+    assert result.stdout.count("completed:") == 1

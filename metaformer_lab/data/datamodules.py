@@ -138,11 +138,13 @@ class ImageDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     # Checkpointed with the run (Lightning saves a data module's state): the epoch and the training batches of it
-    # done, so that a run resumed from a mid-epoch checkpoint goes on with the images that epoch had left.
+    # each rank has done, so that a run resumed from a mid-epoch checkpoint goes on with the images that epoch had
+    # left (on as many ranks: train.check_resume_world).
     def state_dict(self) -> dict[str, int]:
         trainer = self.trainer
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done if done < trainer.num_training_batches else 0}
+        done = done if done < trainer.num_training_batches else 0
+        return {"epoch": trainer.current_epoch, "batches_done": done, "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume_at = (state["epoch"], state["batches_done"] * self.batch_size)

@@ -175,11 +175,13 @@ class SaveEvery(L.Callback):
     """Saves `path` (last.ckpt) every `minutes` of training as well, mid-epoch, between optimizer steps: a job that
     a scheduler preempts or times out loses at most that much (a requeued job writes no checkpoint on its way out).
 
-    0 saves after every optimizer step. Rank 0's clock decides, so all ranks save together.
+    0 saves after every optimizer step. Rank 0's clock decides, so all ranks save together; under DDP it is asked
+    every `every_steps` optimizer steps (a broadcast is a host sync).
     """
 
-    def __init__(self, path: Path, minutes: float) -> None:
+    def __init__(self, path: Path, minutes: float, every_steps: int = 20) -> None:
         self.path, self.seconds = path, 60 * minutes
+        self.every_steps = 1 if minutes == 0 else every_steps
         self.last_save = time.monotonic()
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -188,10 +190,13 @@ class SaveEvery(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         progress = trainer.fit_loop.epoch_loop.batch_progress
-        if progress.is_last_batch or (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return  # the epoch's own checkpoint follows; or mid-accumulation, where a checkpoint lacks the gradients
+        if trainer.fast_dev_run or progress.is_last_batch or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # a smoke test saves nothing; the epoch's own checkpoint follows; or mid-accumulation, where a
+            #         checkpoint would lack the gradients accumulated so far
         due = time.monotonic() - self.last_save >= self.seconds
         if trainer.world_size > 1:
+            if trainer.global_step % self.every_steps:
+                return
             due = trainer.strategy.broadcast(due)
         if due:
             trainer.save_checkpoint(self.path, weights_only=False)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from metaformer_lab.record import unwritable
 from metaformer_lab.training.loggers import shown_path
-from metaformer_lab.training.start import cluster_rank
+from metaformer_lab.training.start import cluster_ranks
 
 LEDGER = "METAFORMER_LAB_SWEEP_LEDGER"
 GOOD = ("completed",)
@@ -30,11 +30,11 @@ GOOD = ("completed",)
 
 def report_job(run_dir: str | Path, status: str, detail: str | None = None, earlier: bool = False) -> None:
     """One job's outcome, for the sweep's summary: a record's status, or `refused` (a bad setting)."""
-    ranks = cluster_rank(os.environ)
-    if (path := os.environ.get(LEDGER)) and (ranks is None or ranks[0] == 0):  # under SLURM every rank is a job
+    ranks = cluster_ranks()
+    if (path := os.environ.get(LEDGER)) and (ranks is None or ranks.rank == 0):  # under SLURM every rank is a job
         line = {"run_dir": shown_path(run_dir), "status": status, "detail": detail, "earlier": earlier}
         line = json.dumps(line)
-        with open(path, "a") as ledger:  # one short append per job: whole lines, even from many nodes
+        with open(path, "a") as ledger:  # one short append per job (on NFS, a line may be lost: "without a report")
             ledger.write(line + "\n")
 
 
@@ -91,7 +91,7 @@ def summarize(jobs: list[dict], expected: int | None) -> tuple[list[str], bool]:
             detail = (job["detail"] or "").strip().splitlines()
             lines.append(f"  {job['status']:<11} {job['run_dir']}" + (f": {detail[-1][:200]}" if detail else ""))
     all_good = missing <= 0 and all(job["status"] in GOOD for job in jobs)
-    if not all_good:
+    if counts["failed"] or counts["interrupted"] or missing > 0:
         lines.append("the same command again skips completed and diverged runs, resumes interrupted ones and starts "
                      "failed ones over")
     return lines, all_good

@@ -37,7 +37,7 @@ from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_jso
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import now_utc, train
 from metaformer_lab.training.gpus import pinned_gpus
-from metaformer_lab.training.start import LAUNCH_DIR, START_TOKEN, cluster_rank, decide_start, publish
+from metaformer_lab.training.start import LAUNCH_DIR, START_TOKEN, cluster_ranks, decide_start, publish
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,13 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> RunRecord:
     """Train `cfg` in `run_dir` with as many processes as it asks for; returns its record."""
     run_dir = Path(run_dir)
     processes = processes_wanted(cfg)
-    if (ranks := cluster_rank(os.environ)) is not None:  # SLURM tasks or a user's torchrun: one per device
-        if ranks[1] != processes:
+    if (ranks := cluster_ranks()) is not None:  # SLURM tasks or a user's torchrun: one per device
+        if ranks.world != processes:
             raise ConfigError(
                 "trainer.devices", cfg.trainer.devices,
-                f"the cluster launcher started {ranks[1]} processes, but trainer.devices x trainer.num_nodes = "
-                f"{processes}: start one task per device (launcher=slurm does), or set these to match",
+                f"{ranks.launcher} started {ranks.world} processes, but trainer.devices x trainer.num_nodes = "
+                f"{processes}: start one per device (launcher=slurm does), or set these to match",
             )  # fmt: skip
-        return train(cfg, run_dir)
-    if cfg.launcher.pin_gpus:
-        with pinned_gpus(device_count(cfg.trainer)) as gpus:
-            return train_in_fresh_processes(cfg, run_dir, processes, gpus)
-    strategy = str(cfg.trainer.strategy)
-    starts_its_own = "spawn" in strategy or "fork" in strategy or "notebook" in strategy  # no re-run of argv
-    if processes == 1 or starts_its_own:
         return train(cfg, run_dir)
     if cfg.trainer.num_nodes > 1:
         raise ConfigError(
@@ -78,6 +71,17 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> RunRecord:
             "more than one node needs a cluster launcher to start the processes on each: launcher=slurm (or "
             "torchrun on each node)",
         )  # fmt: skip
+    if cfg.launcher.pin_gpus:
+        devices = cfg.trainer.devices
+        if not (isinstance(devices, int) and devices >= 1):
+            raise ConfigError("trainer.devices", devices, "a number of GPUs per job (launcher=gpus gives each job "
+                              "its own: lists, -1 and auto are for one job on the whole machine)")  # fmt: skip
+        with pinned_gpus(devices) as gpus:
+            return train_in_fresh_processes(cfg, run_dir, processes, gpus)
+    strategy = str(cfg.trainer.strategy)
+    starts_its_own = "spawn" in strategy or "fork" in strategy or "notebook" in strategy  # no re-run of argv
+    if processes == 1 or starts_its_own:
+        return train(cfg, run_dir)
     return train_in_fresh_processes(cfg, run_dir, processes, None)
 
 
@@ -110,7 +114,9 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
         raise ConfigError(*json.loads((launch_dir / "error.json").read_text()))
     written = (run_dir / RECORD_NAME).exists() and (run_dir / RECORD_NAME).stat().st_mtime_ns != before
     record = read_record(run_dir) if written else None
-    if code == 0 and record is not None and record.status != "running":
+    if record is not None and record.status in ("completed", "diverged"):
+        if code != 0:  # after the record was final: a rank crashed on its way out (teardown, wandb)
+            log.warning("the run is %s, but torchrun exited with status %d (see above)", record.status, code)
         return record
     cause = rank_failure(output_tail)
     if cause is None and record is not None and record.status == "failed":
@@ -186,9 +192,8 @@ def rank_main(run_dir: Path) -> int:
     cfg = OmegaConf.load(run_dir / LAUNCH_DIR / "config.yaml")
     try:
         train(cfg, run_dir)
-    except ConfigError as error:
-        if rank == 0:  # the job says it (as a job that trains in its own process would)
-            write_json(run_dir / LAUNCH_DIR / "error.json", [error.key, error.value, error.expected])
+    except ConfigError as error:  # every rank finds it; the first to tell the job wins (the job says it)
+        write_json(run_dir / LAUNCH_DIR / "error.json", [error.key, error.value, error.expected])
         return 2
     return 0
 

@@ -3,12 +3,14 @@
 A re-run of a finished run is skipped, an unfinished one resumes from its last checkpoint, a failed one starts
 over. With several processes (DDP ranks) one of them decides and the others read that decision: a slow rank must
 not read a record or a checkpoint folder that rank 0 is already rewriting. The decision is published in
-`<run dir>/.launch/start.json` under a token that names this launch (a SLURM job and its restart count, a torchrun
-run, or the job that started the ranks), so a decision left by an earlier launch is never read as this one's.
+`<run dir>/.launch/start.json` under a token that names this launch (the job that started the ranks, or a SLURM
+job and its restart count), so a decision left by an earlier launch is never read as this one's; the ranks a
+user's torchrun started share it through that torchrun's key-value store instead.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -88,66 +90,110 @@ def decide_start(config: dict, run_dir: Path) -> Start:
     return Start(previous, checkpoint)
 
 
-def cluster_rank(environ: Mapping[str, str]) -> tuple[int, int, str] | None:
-    """(rank, world size, launch token) when a cluster launcher started this process as one of a run's ranks:
-    SLURM (one task per device) or torchrun. None otherwise."""
-    if SLURMEnvironment.detect():
-        token = f"slurm/{environ.get('SLURM_JOB_ID')}/{environ.get('SLURM_RESTART_COUNT', '0')}"
-        return int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), token
+@dataclass(frozen=True)
+class ClusterRanks:
+    """This process is rank `rank` of `world`, started by a cluster launcher: "torchrun" or "slurm"."""
+
+    rank: int
+    world: int
+    launcher: str
+
+
+def cluster_ranks(environ: Mapping[str, str] = os.environ) -> ClusterRanks | None:
+    """The ranks a cluster launcher started, as Lightning reads them: torchrun first, then SLURM when it started
+    more than one task (one task is a job that starts its own ranks, or trains in one process). None otherwise."""
     if TorchElasticEnvironment.detect():
-        token = f"torchrun/{environ.get('TORCHELASTIC_RUN_ID')}/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), token
+        return ClusterRanks(int(environ["RANK"]), int(environ["WORLD_SIZE"]), "torchrun")
+    if SLURMEnvironment.detect() and int(environ["SLURM_NTASKS"]) > 1:
+        return ClusterRanks(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), "slurm")
     return None
 
 
-def publish(run_dir: Path, token: str, start: Start | None, error: ConfigError | None = None) -> None:
-    """Make a decision (or the ConfigError that stopped it) readable by the other processes of this launch."""
-    (run_dir / LAUNCH_DIR).mkdir(parents=True, exist_ok=True)
-    content: dict = {"token": token}
+def slurm_runs_the_ranks(processes: int, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether Lightning will take this run's ranks from SLURM (one task per process), as it decides."""
+    return (not TorchElasticEnvironment.detect() and SLURMEnvironment.detect()
+            and int(environ["SLURM_NTASKS"]) == processes)  # fmt: skip
+
+
+class _FileChannel:
+    """A decision in `<run dir>/.launch/start.json`, tagged with a token that names one launch."""
+
+    def __init__(self, run_dir: Path, token: str) -> None:
+        self.path, self.token = run_dir / LAUNCH_DIR / "start.json", token
+
+    def send(self, message: dict) -> None:
+        write_json(self.path, {"token": self.token, **message})
+
+    def receive(self, wait_s: float = WAIT_S) -> dict:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                content = json.loads(self.path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                content = {}
+            if content.pop("token", None) == self.token:
+                return content
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no start decision for launch {self.token} in {self.path} after {wait_s:.0f} s "
+                                   "(rank 0 died?)")  # fmt: skip
+            time.sleep(0.2)
+
+
+class _StoreChannel:
+    """A decision in the key-value store of the torchrun that started the ranks: it lives as long as that launch,
+    so a decision of an earlier launch cannot be read (a static rendezvous reuses its run id)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        from torch.distributed import TCPStore
+
+        timeout = dt.timedelta(seconds=WAIT_S)
+        self.store = TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+        self.key = f"metaformer_lab/start/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def send(self, message: dict) -> None:
+        self.store.set(self.key, json.dumps(message))
+
+    def receive(self) -> dict:
+        return json.loads(self.store.get(self.key))
+
+
+def _message(start: Start | None, error: ConfigError | None = None) -> dict:
     if error is not None:
-        content["error"] = [error.key, error.value, error.expected]
-    else:
-        content["checkpoint"] = start.checkpoint
-        # the record itself, not its path: rank 0 rewrites result.json as soon as it starts
-        content["previous"] = None if start.previous is None else asdict(start.previous)
-    write_json(run_dir / LAUNCH_DIR / "start.json", content)
+        return {"error": [error.key, error.value, error.expected]}
+    # the record itself, not its path: rank 0 rewrites result.json as soon as it starts
+    return {"checkpoint": start.checkpoint, "previous": None if start.previous is None else asdict(start.previous)}
 
 
-def read_published(run_dir: Path, token: str, wait_s: float = WAIT_S) -> Start:
-    """The decision published for `token`, waiting for it; raises the publisher's ConfigError."""
-    path = run_dir / LAUNCH_DIR / "start.json"
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            content = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            content = {}
-        if content.get("token") == token:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no start decision for launch {token} in {path} after {wait_s:.0f} s (rank 0 died?)")
-        time.sleep(0.2)
-    if "error" in content:
-        raise ConfigError(*content["error"])
-    previous = content["previous"]
-    return Start(None if previous is None else record_from_dict(previous), content["checkpoint"])
+def _start(message: dict) -> Start:
+    if "error" in message:
+        raise ConfigError(*message["error"])
+    previous = message["previous"]
+    return Start(None if previous is None else record_from_dict(previous), message["checkpoint"])
+
+
+def publish(run_dir: Path, token: str, start: Start) -> None:
+    """Make the decision of a job readable by the ranks it starts (they find `token` in START_TOKEN)."""
+    _FileChannel(run_dir, token).send(_message(start))
 
 
 def agreed_start(config: dict, run_dir: Path, environ: Mapping[str, str] = os.environ) -> Start:
-    """The one decision for this run: made here in a single process, by rank 0 under a cluster launcher, or read
-    from the job that started these ranks (it set START_TOKEN)."""
+    """The one decision for this run: made here in a single process, read from the job that started these ranks
+    (it set START_TOKEN), or made by rank 0 of the ranks a cluster launcher started and read by the others."""
     if token := environ.get(START_TOKEN):
-        return read_published(run_dir, token)
-    launch = cluster_rank(environ)
-    if launch is None or launch[1] == 1:
+        return _start(_FileChannel(run_dir, token).receive())
+    ranks = cluster_ranks(environ)
+    if ranks is None or ranks.world == 1:
         return decide_start(config, run_dir)
-    rank, _, token = launch
-    if rank != 0:
-        return read_published(run_dir, token)
+    if ranks.launcher == "torchrun":
+        channel: _FileChannel | _StoreChannel = _StoreChannel(environ)
+    else:  # a requeued job keeps its id and counts its restarts
+        channel = _FileChannel(run_dir, f"slurm/{environ['SLURM_JOB_ID']}/{environ.get('SLURM_RESTART_COUNT', '0')}")
+    if ranks.rank != 0:
+        return _start(channel.receive())
     try:
         start = decide_start(config, run_dir)
     except ConfigError as error:
-        publish(run_dir, token, None, error)
+        channel.send(_message(None, error))
         raise
-    publish(run_dir, token, start)
+    channel.send(_message(start))
     return start
