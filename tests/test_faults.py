@@ -10,6 +10,7 @@ import uuid
 from collections import namedtuple
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import QUICK, ROOT, compose_config, run_cli, run_cli_many
@@ -204,3 +205,34 @@ def test_the_sweep_summary_counts_every_outcome_and_says_what_to_do():
     assert lines[1] == "  refused     runs/c: mixer='x': valid choices: ..." and "starts failed ones over" in lines[2]
     assert summarize(jobs[:2], expected=2) == (["sweep of 2 jobs: 2 completed, 1 of them finished before (skipped)"],
                                                True)  # fmt: skip
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_processes(tmp_path):
+    from metaformer_lab.train import check_resume_world
+
+    for batches_done, saved_world, world, refused in ((3, 8, 4, True), (3, 8, 8, False), (0, 8, 4, False)):
+        path = tmp_path / f"{batches_done}-{saved_world}.ckpt"
+        torch.save({"ShapesDataModule": {"epoch": 7, "batches_done": batches_done, "world_size": saved_world}}, path)
+        if refused:
+            with pytest.raises(ConfigError, match=r"in the middle of epoch 7 by 8 processes"):
+                check_resume_world(str(path), world)
+        else:
+            check_resume_world(str(path), world)
+    with pytest.raises(ConfigError, match=r"resume=.*no such checkpoint file"):
+        check_resume_world(str(tmp_path / "missing.ckpt"), 1)
+
+
+def test_a_job_whose_requeues_ran_out_is_interrupted_not_failed(tmp_path):
+    from submitit.core.utils import UncompletedJobError
+
+    class OutOfRequeues(L.Callback):  # what submitit raises in the job at its last time limit
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+    cfg = compose_config(*QUICK)
+    with pytest.raises(UncompletedJobError):
+        train(cfg, tmp_path, callbacks=[OutOfRequeues()])
+    assert read_record(tmp_path).status == "interrupted"
+    resumed = train(cfg, tmp_path)  # resumed from the first epoch's checkpoint, not started over
+    assert resumed.status == "completed" and "resume-1" in {p.name for p in (tmp_path / "csv").iterdir()}

@@ -33,9 +33,10 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def jobs_at_once(devices: int | str) -> int:
-    """How many jobs of `devices` GPUs each fit on this machine at once (at least 1)."""
-    return max(1, len(visible_gpus()) // max(1, int(devices)))
+def jobs_at_once(devices: object) -> int:
+    """How many jobs of `devices` GPUs each fit on this machine at once (at least 1; a `devices` that is not a count
+    is refused by each job, with the reason)."""
+    return max(1, len(visible_gpus()) // devices) if isinstance(devices, int) and devices >= 1 else 1
 
 
 @contextmanager
