@@ -45,6 +45,8 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as failure:  # the record says `failed`, with the error; the traceback is in run.log
         report_job(run_dir, "failed", f"{type(failure).__name__}: {failure}")
         if not in_sweep:
+            if isinstance(failure, RanksFailed):  # the ranks have shown their tracebacks, the job its end line
+                raise SystemExit(1) from None
             raise
         # a rank's traceback was shown by the rank; an error in this process is shown here
         log.error("%s failed; the sweep goes on", run_dir, exc_info=not isinstance(failure, RanksFailed))

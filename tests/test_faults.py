@@ -222,17 +222,22 @@ def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_processes(tmp_path):
         check_resume_world(str(tmp_path / "missing.ckpt"), 1)
 
 
-def test_a_job_whose_requeues_ran_out_is_interrupted_not_failed(tmp_path):
+def test_a_job_whose_requeues_ran_out_is_interrupted_not_failed(tmp_path, monkeypatch):
     from submitit.core.utils import UncompletedJobError
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
 
     class OutOfRequeues(L.Callback):  # what submitit raises in the job at its last time limit
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if trainer.current_epoch == 1:
                 raise UncompletedJobError("Job not requeued because: timed-out too many times.")
 
-    cfg = compose_config(*QUICK)
+    cfg = compose_config(*QUICK, "logger=wandb")
     with pytest.raises(UncompletedJobError):
         train(cfg, tmp_path, callbacks=[OutOfRequeues()])
-    assert read_record(tmp_path).status == "interrupted"
+    stopped = read_record(tmp_path)
+    assert stopped.status == "interrupted"
     resumed = train(cfg, tmp_path)  # resumed from the first epoch's checkpoint, not started over
     assert resumed.status == "completed" and "resume-1" in {p.name for p in (tmp_path / "csv").iterdir()}
+    assert resumed.wandb_id == stopped.wandb_id  # the same wandb run goes on
+    assert len([p for p in (tmp_path / "wandb").glob(f"offline-run-*-{stopped.wandb_id}")]) == 2

@@ -5,8 +5,9 @@ whole sweep, and the parent keeps its DDP state after the first job (Lightning #
 several processes and was not given them by a cluster launcher (SLURM tasks, or a torchrun the user started):
 1. decides once how its run starts (skip, resume, start over) and publishes that decision,
 2. saves its resolved config in `<run dir>/.launch/config.yaml`,
-3. runs `torchrun --standalone --nproc-per-node=N -m metaformer_lab.training.launch <run dir>`: every rank trains
-   that config, and rank 0 writes the record,
+3. runs torchrun (`torch.distributed.run --standalone --nproc-per-node=N`, quieted: `python -m
+   metaformer_lab.training.launch agent N <run dir>`) on this module: every rank trains that config, and rank 0
+   writes the record,
 4. reads the outcome from `result.json`; a rank that died (killed, out of memory) makes the record `failed`.
 Fresh processes per job, so nothing leaks from one job of a sweep into the next; torchrun stops the other ranks
 when one dies, so a job never hangs on a dead peer. `launcher=gpus` takes this path for every job, since only a
@@ -15,17 +16,14 @@ fresh process can be given its own GPUs.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import json
 import logging
 import logging.config
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -35,13 +33,14 @@ from omegaconf import DictConfig, OmegaConf
 from metaformer_lab.config import device_count
 from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_json, write_record
 from metaformer_lab.registry import ConfigError
-from metaformer_lab.train import now_utc, train
+from metaformer_lab.train import end_line, now_utc, train
 from metaformer_lab.training.gpus import pinned_gpus
 from metaformer_lab.training.start import LAUNCH_DIR, START_TOKEN, cluster_ranks, decide_start, publish
 
 log = logging.getLogger(__name__)
 
 LOGGING = Path(__file__).parents[2] / "conf" / "hydra" / "job_logging" / "run.yaml"
+THIS_MODULE = "metaformer_lab.training.launch"  # also when it runs as __main__
 STOP_GRACE_S = 60  # after Ctrl-C, how long the ranks get to write their record before they are killed
 
 
@@ -102,23 +101,22 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
         env["CUDA_VISIBLE_DEVICES"] = gpus
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // processes)))  # torchrun would set 1, with a warning
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-        "-m", __name__, str(run_dir),
-    ]  # fmt: skip
+    command = [sys.executable, "-m", THIS_MODULE, "agent", str(processes), str(run_dir)]
     log.info("training in %d fresh process%s (torchrun)%s", processes, "es" * (processes > 1),
              f" on GPUs {gpus}" if gpus is not None else "")  # fmt: skip
     before = (run_dir / RECORD_NAME).stat().st_mtime_ns if (run_dir / RECORD_NAME).exists() else None
-    code, output_tail = _run_torchrun(command, env)
+    (launch_dir / "failure.json").unlink(missing_ok=True)
+    code = _run(command, env)
     if (launch_dir / "error.json").exists():  # a bad setting, found by the ranks' checks; nothing was written
         raise ConfigError(*json.loads((launch_dir / "error.json").read_text()))
     written = (run_dir / RECORD_NAME).exists() and (run_dir / RECORD_NAME).stat().st_mtime_ns != before
     record = read_record(run_dir) if written else None
     if record is not None and record.status in ("completed", "diverged"):
         if code != 0:  # after the record was final: a rank crashed on its way out (teardown, wandb)
-            log.warning("the run is %s, but torchrun exited with status %d (see above)", record.status, code)
+            log.warning("the run is %s, but a rank ended badly on its way out (see above)", record.status)
         return record
-    cause = rank_failure(output_tail)
+    failure = launch_dir / "failure.json"
+    cause = json.loads(failure.read_text())["cause"] if failure.exists() else None
     if cause is None and record is not None and record.status == "failed":
         raise RanksFailed(record.error)  # rank 0's own error, in the record
     cause = cause or f"torchrun exited with status {code}"
@@ -129,35 +127,16 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
         then = f"; rank 0 then: {record.error.splitlines()[0][:300]}" if record.status == "failed" else ""
         record.status, record.error, record.finished_at = "failed", cause + then, now_utc()
         write_record(run_dir, record)
+        log.info(end_line(record))
     raise RanksFailed(record.error)
 
 
-def rank_failure(output: str) -> str | None:
-    """The first failure torchrun reports ("Root Cause"), in a line: which rank, and how it ended."""
-    root = output.rpartition("Root Cause")[2]
-    rank = re.search(r"rank\s*:\s*(\d+)", root)
-    how = re.search(r"traceback\s*:\s*(Signal \d+ \(\w+\))", root) or re.search(r"exitcode\s*:\s*(-?\d+)", root)
-    if rank is None or how is None:
-        return None
-    ended = how.group(1) if how.group(1).startswith("Signal") else f"exit code {how.group(1)}"
-    return f"rank {rank.group(1)} ended ({ended}); torchrun stopped the others"
-
-
-def _run_torchrun(command: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run torchrun, its stderr shown and its last lines kept; stopped (and waited for) if this process is."""
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
-    tail: collections.deque[str] = collections.deque(maxlen=200)
-
-    def relay() -> None:
-        for line in process.stderr:
-            sys.stderr.write(line)
-            tail.append(line)
-
-    relaying = threading.Thread(target=relay, daemon=True)
-    relaying.start()
+def _run(command: list[str], env: dict[str, str]) -> int:
+    """Run the agent and wait; if this process is stopped, the ranks get time to write their record."""
+    process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
     try:
-        code = process.wait()
-    except BaseException:  # Ctrl-C (torchrun got it too) or a stop: let the ranks write their record, then go
+        return process.wait()
+    except BaseException:  # Ctrl-C (the agent got it too) or a stop
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         try:
@@ -165,8 +144,28 @@ def _run_torchrun(command: list[str], env: dict[str, str]) -> tuple[int, str]:
         except subprocess.TimeoutExpired:
             process.kill()
         raise
-    relaying.join(timeout=10)
-    return code, "".join(tail)
+
+
+def agent_main(processes: int, run_dir: Path) -> int:
+    """torchrun (its `run`), quiet: when a rank fails, the job says which and how in one line, not torchrun's log
+    lines and traceback. Writes `.launch/failure.json` with that line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    arguments = ["--standalone", f"--nproc-per-node={processes}", "-m", THIS_MODULE, "rank", str(run_dir)]
+    try:
+        run(parse_args(arguments))
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        how = f"Signal {-failure.exitcode} ({failure.signal_name()})" if failure.exitcode < 0 else \
+            f"exit code {failure.exitcode}"  # fmt: skip
+        cause = f"rank {rank} ended ({how}); torchrun stopped the others"
+        write_json(run_dir / LAUNCH_DIR / "failure.json", {"cause": cause})
+        return 1
+    return 0
 
 
 def _die_with_parent() -> None:
@@ -198,5 +197,7 @@ def rank_main(run_dir: Path) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(rank_main(Path(sys.argv[1])))
+if __name__ == "__main__":  # `agent N RUN_DIR` (the job starts it), `rank RUN_DIR` (the agent starts N of them)
+    if sys.argv[1] == "agent":
+        sys.exit(agent_main(int(sys.argv[2]), Path(sys.argv[3])))
+    sys.exit(rank_main(Path(sys.argv[2])))
