@@ -73,6 +73,10 @@ def test_jobs_take_a_free_gpu_group_and_wait_for_one(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"trainer.devices=8: at most the 4 GPUs"):
         with pinned_gpus(8, tmp_path):
             pass
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError, match=r"launcher='gpus': gives each job GPUs of its own, but this machine has no"):
+        with pinned_gpus(1, tmp_path):
+            pass
 
 
 def test_gpus_launcher_runs_jobs_side_by_side_each_on_its_own_gpu(tmp_path):

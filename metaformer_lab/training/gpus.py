@@ -44,6 +44,9 @@ def pinned_gpus(count: int, lock_dir: Path = LOCK_DIR, poll_s: float = 1.0) -> I
     """Wait for `count` free GPUs of one group and hold them: yields their CUDA_VISIBLE_DEVICES value."""
     gpus = visible_gpus()
     groups = [gpus[i : i + count] for i in range(0, len(gpus) - count + 1, count)]
+    if not gpus:
+        raise ConfigError("launcher", "gpus", "gives each job GPUs of its own, but this machine has none (or "
+                          "CUDA_VISIBLE_DEVICES names none)")  # fmt: skip
     if not groups:
         raise ConfigError("trainer.devices", count, f"at most the {len(gpus)} GPUs this machine has ({gpus})")
     lock_dir.mkdir(parents=True, exist_ok=True)
