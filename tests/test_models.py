@@ -5,8 +5,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DATA
+from conftest import DATA, compose_config
 
+from metaformer_lab.config import build_model
 from metaformer_lab.models import (
     ACTIVATIONS,
     MIXERS,
@@ -229,3 +230,21 @@ def test_timm_layout_checkpoint_converts_to_ours():
     create_model("poolformer_s12", **SMALL).load_state_dict(converted, strict=True)
     with pytest.raises(ValueError, match="res_scale"):
         convert_timm_checkpoint({**timm_layout, "stages.2.blocks.0.res_scale1.scale": torch.ones(1)})
+
+
+def test_stem_and_downsampling_footprints_are_model_arguments():
+    # the paper's stem and downsampling by default; a 2x2 stride-2 footprint gives twice the tokens per side
+    default = MetaFormer([1, 1, 1, 1], [16, 16, 32, 32], img_size=64, num_classes=10)
+    assert [s.grid for s in default.stage_specs] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert default.patch_embed.proj.kernel_size == (7, 7) and default.patch_embed.proj.stride == (4, 4)
+    mixers = ["pooling", "spatial_fc", "attention", "random"]  # size-bound mixers are built for these grids
+    small = MetaFormer([1, 1, 1, 1], [16, 16, 32, 32], img_size=32, stem=(2, 2, 0), downsampling=(2, 2, 0),
+                       mixer=mixers, num_classes=10)  # fmt: skip
+    assert [s.grid for s in small.stage_specs] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ConfigError, match=r"stem=\[3, 2, 0\]: \[kernel, stride, padding\] with 0 < kernel"):
+        MetaFormer(img_size=32, stem=(3, 2, 0))
+    with pytest.raises(ConfigError, match=r"img_size=40: a positive multiple of 16"):
+        MetaFormer(img_size=40, stem=(2, 2, 0), downsampling=(2, 2, 0))
+    model = build_model(compose_config("+model.stem=[2,2,0]", "+model.downsampling=[2,2,0]"), 10)
+    assert model.patch_embed.proj.kernel_size == (2, 2) and model.stage_specs[0].grid == (16, 16)

@@ -47,7 +47,8 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Stem (7x7 stride 4) and downsampling (3x3 stride 2) convolution; default PyTorch init as the official."""
+    """Stem (the paper's: 7x7 stride 4) and downsampling (3x3 stride 2) convolution; default PyTorch init as the
+    official."""
 
     def __init__(self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int) -> None:
         super().__init__()
@@ -140,6 +141,9 @@ class MetaFormer(nn.Module):
         drop_path_rate: stochastic depth of the last block; rises linearly from 0 at the first block.
         position_embedding: add the learnable position embedding before the first attention stage.
         img_size: the input size that size-bound layers (random, spatial_fc, position embedding) are built for.
+        stem, downsampling: (kernel, stride, padding) of the first convolution and of those between stages; the
+            paper's are (7, 4, 2) and (3, 2, 1). A smaller footprint, e.g. (2, 2, 0) for both, leaves more of the
+            spatial mixing to the token mixers (an ablation axis of its own: what the mixers add depends on it).
     """
 
     def __init__(
@@ -162,13 +166,17 @@ class MetaFormer(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         img_size: int = 224,
+        stem: Sequence[int] = (7, 4, 2),
+        downsampling: Sequence[int] = (3, 2, 1),
     ) -> None:
         super().__init__()
         n = len(depths)
         if n < 1 or any(not isinstance(d, int) or d < 1 for d in depths):
             raise ConfigError("depths", list(depths), "a non-empty list of positive block counts, one per stage")
-        if img_size < 1 or img_size % 2 ** (n + 1):
-            raise ConfigError("img_size", img_size, f"a positive multiple of {2 ** (n + 1)} for {n} stages")
+        stem, downsampling = _conv_shape("stem", stem), _conv_shape("downsampling", downsampling)
+        reduction = stem[1] * downsampling[1] ** (n - 1)  # input pixels per token of the last stage, per side
+        if img_size < 1 or img_size % reduction:
+            raise ConfigError("img_size", img_size, f"a positive multiple of {reduction} for {n} stages")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ConfigError("drop_path_rate", drop_path_rate, "a rate in [0, 1)")
         axes = dict(
@@ -182,7 +190,7 @@ class MetaFormer(nn.Module):
                 index=i,
                 depth=depths[i],
                 dim=dims[i],
-                grid=(img_size // 2 ** (i + 2),) * 2,
+                grid=(img_size // (stem[1] * downsampling[1] ** i),) * 2,
                 **{key: values[i] for key, values in per.items()},
             )  # fmt: skip
             for i in range(n)
@@ -190,7 +198,7 @@ class MetaFormer(nn.Module):
         self.img_size = img_size
         self.size_bound = any(MIXERS.get(s.mixer).size_bound for s in self.stage_specs)
 
-        self.patch_embed = PatchEmbed(in_chans, dims[0], kernel_size=7, stride=4, padding=2)
+        self.patch_embed = PatchEmbed(in_chans, dims[0], *stem)
         total, done, pos_added = sum(depths), 0, not position_embedding
         network: list[nn.Module] = []
         for spec in self.stage_specs:
@@ -201,7 +209,7 @@ class MetaFormer(nn.Module):
             network.append(nn.Sequential(*(MetaFormerBlock(spec, rate) for rate in rates)))
             done += spec.depth
             if spec.index < n - 1:
-                network.append(PatchEmbed(spec.dim, dims[spec.index + 1], kernel_size=3, stride=2, padding=1))
+                network.append(PatchEmbed(spec.dim, dims[spec.index + 1], *downsampling))
         self.network = nn.ModuleList(network)
         self.norm = NORMS.get(self.stage_specs[-1].norm)(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -221,6 +229,19 @@ class MetaFormer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.forward_features(x)).mean((-2, -1)))
+
+
+def _conv_shape(key: str, shape: Sequence[int]) -> tuple[int, int, int]:
+    """(kernel, stride, padding), checked: an output of exactly input / stride pixels per side."""
+    valid = (
+        isinstance(shape, Sequence) and len(shape) == 3 and all(isinstance(v, int) for v in shape)
+        and shape[1] >= 1 and shape[2] >= 0 and 0 < shape[0] - 2 * shape[2] <= shape[1]
+    )  # fmt: skip
+    if not valid:
+        raise ConfigError(key, list(shape) if isinstance(shape, Sequence) else shape,
+                          "[kernel, stride, padding] with 0 < kernel - 2 x padding <= stride (an output of input / "
+                          "stride pixels), e.g. [7, 4, 2], [3, 2, 1], [2, 2, 0]")  # fmt: skip
+    return tuple(shape)
 
 
 def _init_linear(module: nn.Module) -> None:
