@@ -153,6 +153,11 @@ def device_count(trainer: Mapping[str, Any]) -> int:
     return int(devices)
 
 
+def process_count(trainer: Mapping[str, Any]) -> int:
+    """The run's processes (DDP ranks): devices per node x nodes."""
+    return device_count(trainer) * trainer["num_nodes"]
+
+
 def accumulation(cfg: DictConfig, optim: OptimSettings) -> int:
     """Micro-batches per optimizer step so that one step sees `optim.global_batch` images on any device count."""
     for key, value in (("data.batch_size", cfg.data.batch_size), ("trainer.num_nodes", cfg.trainer.num_nodes)):
@@ -160,7 +165,7 @@ def accumulation(cfg: DictConfig, optim: OptimSettings) -> int:
             raise ConfigError(key, value, "a positive whole number")
     if device_count(cfg.trainer) < 1:
         raise ConfigError("trainer.devices", cfg.trainer.devices, "at least one device (a count, a list, -1 or auto)")
-    per_step = cfg.data.batch_size * device_count(cfg.trainer) * cfg.trainer.num_nodes
+    per_step = cfg.data.batch_size * process_count(cfg.trainer)
     if optim.global_batch % per_step:
         raise ConfigError(
             "optim.global_batch", optim.global_batch,

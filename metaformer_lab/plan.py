@@ -32,10 +32,10 @@ from metaformer_lab.config import (
     build_model,
     build_optim,
     check_group_syntax,
-    device_count,
     limited_batches,
     model_arguments,
     per_stage_groups,
+    process_count,
     register_resolvers,
     run_name,
     schedule_label,
@@ -196,7 +196,7 @@ def check_jobs(overrides: list[str]) -> list[CheckedJob]:
         if data_key not in sizes:  # an image folder is scanned once, not once per job
             sizes[data_key] = _image_counts(cfg, datamodule, missing)
         train, val, why = sizes[data_key]
-        world = device_count(cfg.trainer) * cfg.trainer.num_nodes
+        world = process_count(cfg.trainer)
         done_epochs = previous.epochs if state == "resume" else 0
         work = count_work(trainer, optim, cfg.data.batch_size, world, (train, val), done_epochs)
         schedule = schedule_label(optim, trainer)

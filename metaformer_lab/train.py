@@ -34,7 +34,7 @@ from metaformer_lab.config import (
     build_model,
     build_optim,
     check_validation_interval,
-    device_count,
+    process_count,
     resolve_device,
     run_axes,
     schedule_label,
@@ -51,7 +51,7 @@ from metaformer_lab.training.callbacks import (
     UnreadableImages,
     ValidationHistory,
 )
-from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
+from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO, remove_partial_writes
 from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.training.module import DivergedError, ImageClassifier, OptimSettings
 from metaformer_lab.training.start import agreed_start, slurm_runs_the_ranks
@@ -131,8 +131,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
         check_resume_world(ckpt_path, trainer.world_size)
     is_rank_zero = trainer.global_rank == 0
     if is_rank_zero:
-        for partial in checkpoints.glob(".*.partial"):  # a write that a kill -9 cut short (the checkpoint is whole)
-            partial.unlink()
+        remove_partial_writes(checkpoints)
         if ckpt_path is None:  # a failed run starts over: its checkpoints and metrics must not be mistaken for results
             for folder in (checkpoints, run_dir / "csv"):
                 shutil.rmtree(folder, ignore_errors=True)
@@ -273,7 +272,7 @@ def _build_trainer(
     if (minutes := cfg.trainer.save_every_minutes) is not None:
         extra.append(SaveEvery(checkpoints / "last.ckpt", minutes))
     plugins: list = [AtomicCheckpointIO()]
-    if slurm_runs_the_ranks(device_count(cfg.trainer) * cfg.trainer.num_nodes):
+    if slurm_runs_the_ranks(process_count(cfg.trainer)):
         plugins.append(SLURMEnvironment(auto_requeue=False))  # requeue is submitit's: Lightning's would be a second
     arguments = dict(
         dict(num_sanity_val_steps=0, enable_model_summary=False), **trainer_args,  # defaults a user can change

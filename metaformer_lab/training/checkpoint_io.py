@@ -18,12 +18,20 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from metaformer_lab.record import shared_file_mode
 
+PARTIAL = ".partial"  # the suffix of a checkpoint being written
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Delete what a write cut short by a kill -9 left in `folder` (the checkpoint itself is whole)."""
+    for partial in folder.glob(f".*{PARTIAL}"):
+        partial.unlink()
+
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save(obj, path)`, atomically: a temp file in the same folder, fsync, then `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL)
     try:
         with os.fdopen(fd, "wb") as file:
             torch.save(obj, file)

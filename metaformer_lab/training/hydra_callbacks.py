@@ -33,9 +33,8 @@ def report_job(run_dir: str | Path, status: str, detail: str | None = None, earl
     ranks = cluster_ranks()
     if (path := os.environ.get(LEDGER)) and (ranks is None or ranks.rank == 0):  # under SLURM every rank is a job
         line = {"run_dir": shown_path(run_dir), "status": status, "detail": detail, "earlier": earlier}
-        line = json.dumps(line)
         with open(path, "a") as ledger:  # one short append per job (on NFS, a line may be lost: "without a report")
-            ledger.write(line + "\n")
+            ledger.write(json.dumps(line) + "\n")
 
 
 class JobsReport(Callback):

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from metaformer_lab.config import device_count
+from metaformer_lab.config import process_count
 from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_json, write_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import end_line, now_utc, train
@@ -48,14 +48,10 @@ class RanksFailed(RuntimeError):
     """A rank process of a job ended abnormally; the run's record says `failed` with the reason."""
 
 
-def processes_wanted(cfg: DictConfig) -> int:
-    return device_count(cfg.trainer) * cfg.trainer.num_nodes
-
-
 def launch(cfg: DictConfig, run_dir: str | Path) -> RunRecord:
     """Train `cfg` in `run_dir` with as many processes as it asks for; returns its record."""
     run_dir = Path(run_dir)
-    processes = processes_wanted(cfg)
+    processes = process_count(cfg.trainer)
     if (ranks := cluster_ranks()) is not None:  # SLURM tasks or a user's torchrun: one per device
         if ranks.world != processes:
             raise ConfigError(
