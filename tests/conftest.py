@@ -10,9 +10,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from metaformer_lab.config import per_stage_groups, register_resolvers
+from metaformer_lab.record import RunRecord, read_record
 
 ROOT = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data"
+FAULTS = str(Path(__file__).parent / "faults")  # sitecustomize.py: injects failures into processes a test starts
 # a few seconds of training on the embedded data
 QUICK = [
     "data.train_size=256", "data.val_size=128", "data.batch_size=64", "optim.global_batch=64", "optim.epochs=2",
@@ -63,3 +65,15 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
         [sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+def only_record(root: Path) -> RunRecord:
+    """The one run record under `root`."""
+    records = list(root.rglob("result.json"))
+    assert len(records) == 1, records
+    return read_record(records[0])
+
+
+def records_by_mixer(root: Path) -> dict[str, RunRecord]:
+    """The run records under `root` (a sweep's), by mixer."""
+    return {record.mixer: record for record in map(read_record, root.rglob("result.json"))}

@@ -13,14 +13,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import QUICK, ROOT, compose_config, run_cli, run_cli_many
+from conftest import FAULTS, QUICK, ROOT, compose_config, only_record, records_by_mixer, run_cli, run_cli_many
 
 from metaformer_lab.record import read_record, shared_file_mode
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import train
 from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
-
-FAULTS = str(ROOT / "tests" / "faults")  # sitecustomize.py: injects failures into the processes a test starts
 
 WRITER = """
 import sys, torch
@@ -66,11 +64,6 @@ def test_kill_9_during_a_write_leaves_a_whole_checkpoint(tmp_path, delay):
     assert checkpoint["version"] >= 1 and checkpoint["weights"][-1] == 11_999_999
 
 
-def _only_record(root: Path):
-    [path] = root.rglob("result.json")
-    return read_record(path)
-
-
 def test_kill_9_mid_epoch_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path):
     # drop path and mixup draw random numbers every step; two micro-batches per optimizer step; a checkpoint after
     # every optimizer step (trainer.save_every_minutes=0), so the kill lands after a mid-epoch one
@@ -93,12 +86,12 @@ def test_kill_9_mid_epoch_then_the_same_command_ends_as_an_uninterrupted_run(tmp
     finally:
         job.kill()  # SIGKILL: no handler runs, the record still says `running`
         job.wait()
-    assert _only_record(tmp_path / "killed").status == "running"
+    assert only_record(tmp_path / "killed").status == "running"
     [checkpoints] = (tmp_path / "killed").rglob("checkpoints")
     (checkpoints / ".last.ckpt.x1y2.partial").write_bytes(b"half a checkpoint")  # as a kill during a write leaves
     again = run_cli(*args, cwd=tmp_path / "killed")
     assert again.returncode == 0 and "resuming from" in again.stdout
-    straight, resumed = _only_record(tmp_path / "straight"), _only_record(tmp_path / "killed")
+    straight, resumed = only_record(tmp_path / "straight"), only_record(tmp_path / "killed")
     assert resumed.status == "completed" and (resumed.epochs, resumed.steps) == (3, 12)
     assert (resumed.best_val_top1, resumed.final_val_top1) == (straight.best_val_top1, straight.final_val_top1)
 
@@ -118,7 +111,7 @@ def test_a_failing_and_a_diverging_job_do_not_stop_the_sweep(tmp_path):
     assert result.returncode == 1  # not every job completed
     assert "sweep of 3 jobs: 1 completed, 1 diverged, 1 failed" in result.stdout
     assert "injected failure" in result.stdout and "loss is nan" in result.stdout
-    records = {r.mixer: r for r in (read_record(p) for p in (tmp_path / "runs").rglob("result.json"))}
+    records = records_by_mixer(tmp_path / "runs")
     assert {m: r.status for m, r in records.items()} == {
         "identity": "failed", "attention": "diverged", "pooling": "completed"
     }  # fmt: skip
@@ -164,7 +157,7 @@ def test_a_dead_rank_ends_the_job_without_a_hang_or_an_orphan(tmp_path):
     assert job.returncode == 1 and "sweep of 1 job: 1 failed" in output
     time.sleep(1)
     assert _processes_with(marker) == {}  # no rank, loader or torchrun left behind
-    record = _only_record(tmp_path / "runs")
+    record = only_record(tmp_path / "runs")
     assert record.status == "failed" and record.error.startswith("rank 1 ended (Signal 9 (SIGKILL))")
 
 

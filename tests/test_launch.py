@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import QUICK, ROOT, run_cli
+from conftest import FAULTS, QUICK, ROOT, only_record, records_by_mixer, run_cli
 from hydra import compose, initialize_config_dir
 
 from metaformer_lab.plan import compose_job
@@ -19,13 +19,7 @@ from metaformer_lab.record import read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.gpus import jobs_at_once, pinned_gpus
 
-FAULTS = str(ROOT / "tests" / "faults")  # sitecustomize.py: injects failures into the processes a test starts
 WITHOUT_TRAINER = [arg for arg in QUICK if not arg.startswith("trainer=")]
-
-
-def _records(root: Path) -> dict[str, object]:
-    """The records under root, by mixer."""
-    return {r.mixer: r for r in (read_record(p) for p in root.rglob("result.json"))}
 
 
 def test_ddp_inside_a_sweep_runs_each_job_once_on_fresh_ranks(tmp_path):
@@ -36,7 +30,7 @@ def test_ddp_inside_a_sweep_runs_each_job_once_on_fresh_ranks(tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert "sweep of 2 jobs: 2 completed" in result.stdout
     assert len(re.findall(r"`Trainer.fit` stopped", output)) == 2  # each job trained once, not once per rank
-    records = _records(tmp_path / "runs")
+    records = records_by_mixer(tmp_path / "runs")
     assert set(records) == {"pooling", "identity"}
     for record in records.values():
         assert record.status == "completed" and record.world_size == 2 and record.global_batch == 64
@@ -86,7 +80,7 @@ def test_gpus_launcher_runs_jobs_side_by_side_each_on_its_own_gpu(tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]  # one job failed; the other went on
     assert "sweep of 2 jobs: 1 completed, 1 failed" in result.stdout
     assert re.search(r"failed +runs/\S*mixer=identity\S*: .*injected failure", result.stdout)
-    records = _records(tmp_path / "runs")
+    records = records_by_mixer(tmp_path / "runs")
     assert {m: r.status for m, r in records.items()} == {"pooling": "completed", "identity": "failed"}
     assert {r.cuda_visible_devices for r in records.values()} == {"0", "1"}  # side by side, each on its own
     assert "injected failure" in records["identity"].error
@@ -96,7 +90,7 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
     result = run_cli("-m", "hydra/launcher=submitit_local", "mixer=pooling,identity", *QUICK, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sweep of 2 jobs: 2 completed" in result.stdout
-    assert {m: r.status for m, r in _records(tmp_path / "runs").items()} == {
+    assert {m: r.status for m, r in records_by_mixer(tmp_path / "runs").items()} == {
         "pooling": "completed", "identity": "completed"
     }  # fmt: skip
 
@@ -168,7 +162,6 @@ def test_ranks_a_user_started_with_torchrun_train_one_run(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", ROOT / "run.py"]
     result = subprocess.run([*command, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    [path] = (tmp_path / "runs").rglob("result.json")
-    record = read_record(path)
+    record = only_record(tmp_path / "runs")
     assert record.status == "completed" and record.world_size == 2 and record.steps == 4
     assert result.stdout.count("completed:") == 1

@@ -9,19 +9,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import QUICK, compose_config, run_cli
+from conftest import QUICK, compose_config, only_record, run_cli
 from lightning.pytorch.loggers import WandbLogger
 
 from metaformer_lab.config import build_optim
-from metaformer_lab.record import STATUSES, RunRecord, read_record
+from metaformer_lab.record import STATUSES, read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import train
-
-
-def only_record(root: Path) -> RunRecord:
-    records = list(root.rglob("result.json"))
-    assert len(records) == 1, records
-    return read_record(records[0])
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
