@@ -73,7 +73,7 @@ def per_stage_groups(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 
 # groups chosen in the defaults list (conf/config.yaml), so that `debug` can override an `experiment` and both a sweep
-OPTIONAL_GROUPS = ("sweep", "experiment", "debug")
+OPTIONAL_GROUPS = ("sweep", "experiment", "proxy", "debug")
 
 
 def check_group_syntax(args: Sequence[str]) -> None:

@@ -54,7 +54,7 @@ ROW = {
     for row in PAPER.to_dict("records")
 }  # fmt: skip
 HERE = "shapes 32 px, 20k img, 3 ep"  # the protocol of fake_run's defaults, as a paper table names it
-TOP1_HERE, DELTA_HERE = here_columns(HERE)
+TOP1_HERE, DELTA_HERE, T_HERE, SIGN_HERE = here_columns(HERE)
 IMAGENET = dict(data="imagenet", image_size=224, train_images=1_281_167, schedule="300+10 ep", epochs=310)
 
 
@@ -184,7 +184,8 @@ def test_table5_without_runs_is_the_paper_with_dashes():
     identity = table.set_index("Variant").loc["Pooling → Identity mapping"]
     assert list(table.columns) == PAPER_COLUMNS  # no protocol to name
     assert identity["Top-1 paper (%)"] == "74.3" and identity["Top-1 here (%, mean ± std, n)"] == "—"
-    assert identity["Δ vs baseline here"] == "—" and identity["Δ vs baseline in the paper"] == "-2.9"
+    assert identity[PAPER_COLUMNS[6]] == "—" and identity["Δ vs baseline in the paper"] == "-2.9"
+    assert identity["Sign as paper"] == "—"
     assert identity["Params (M)"] == "11.9 (paper)" and identity["MACs (G)"] == "1.8 (paper)"
     assert table["Top-1 paper (%)"].astype(float).tolist() == paper["top1"].tolist()
 
@@ -202,14 +203,25 @@ def test_table5_with_runs_has_ours_and_both_deltas(runs):
     baseline = (90 + 72 + 74) / 3
     assert numbers.loc["t5_identity", "delta_here"] == pytest.approx(65.5 - baseline)
     assert numbers.loc["t5_identity", "delta_paper"] == pytest.approx(74.3 - 77.2)
-    assert table.loc["Pooling → Identity mapping", DELTA_HERE] == f"{65.5 - baseline:+.1f}"
+    # paired by seed: seeds 0 and 1 have both (65 - 90, 66 - 72); a 95% t interval on 1 degree of freedom
+    identity = numbers.loc["t5_identity"]
+    assert identity["paired_n"] == 2 and identity["paired_delta"] == pytest.approx(-15.5)
+    assert identity["paired_se"] == pytest.approx(9.5)
+    assert identity["paired_low"] == pytest.approx(-15.5 - 12.706 * 9.5)
+    assert table.loc["Pooling → Identity mapping", DELTA_HERE] == "-15.5 [-136.2, +105.2]"
+    assert table.loc["Pooling → Identity mapping", T_HERE] == "-1.6"
+    assert table.loc["Pooling → Identity mapping", SIGN_HERE] == "yes"
+    assert table.loc["Pooling size 3 → 5", DELTA_HERE] == "-19.0"  # one seed: no interval
+    assert table.loc["Pooling size 3 → 5", SIGN_HERE] == "—"  # the paper's 0.0 has no sign
+    assert table.loc["None (PoolFormer-S12)", DELTA_HERE] == "baseline"
 
 
 def test_main_table_deltas_are_vs_s12(runs):
     table = paper_table(runs, "main")
     assert list(table["Variant"]) == [f"PoolFormer-{m}" for m in ("S12", "S24", "S36", "M36", "M48")]
     s24 = table.set_index("Variant").loc["PoolFormer-S24"]
-    assert s24[DELTA_HERE] == "+4.0" and s24["Δ vs baseline in the paper"] == "+3.1"  # each run on its row's model
+    # paired with the baseline's one seed (78 - 75), each run on its row's model
+    assert s24[DELTA_HERE] == "+3.0" and s24["Δ vs baseline in the paper"] == "+3.1" and s24[SIGN_HERE] == "yes"
     assert table.loc[0, DELTA_HERE] == "baseline"
 
 
@@ -248,7 +260,9 @@ def test_two_protocols_give_a_column_pair_each_named_and_with_its_own_baseline(t
     ]  # most completed runs first; S12 is the rows' own model, so unnamed; "small" is named  # fmt: skip
     assert here_columns(small)[0] == "Top-1 here: shapes 32 px, 20k img, small, 1 ep (%, mean ± std, n)"
     identity = table.loc["Pooling → Identity mapping"]
-    assert identity[here_columns(imagenet)[0]] == "74.3 ± 0.2 (n=3)" and identity[here_columns(imagenet)[1]] == "-2.9"
+    assert identity[here_columns(imagenet)[0]] == "74.3 ± 0.2 (n=3)"
+    assert identity[here_columns(imagenet)[1]] == "-2.9 [-3.9, -1.9]"  # -2.5, -3.3, -2.9 paired by seed
+    assert identity[here_columns(imagenet)[2]] == "-12.6" and identity[here_columns(imagenet)[3]] == "yes"
     assert identity[here_columns(small)[0]] == "80.0 (n=1)" and identity[here_columns(small)[1]] == "-10.0"
     assert table.loc["GELU → ReLU", here_columns(small)[0]] == "— (1 failed)"
     assert table.loc["GELU → ReLU", here_columns(imagenet)[0]] == "—"
@@ -260,10 +274,10 @@ def test_two_protocols_give_a_column_pair_each_named_and_with_its_own_baseline(t
     assert deltas[imagenet] == pytest.approx(74.3 - 77.2) and deltas[small] == pytest.approx(80.0 - 90.0)
 
     markdown = to_markdown(table.reset_index()).splitlines()
-    assert len(markdown) == 2 + 18 and all(line.count("|") == 11 for line in markdown) and small in markdown[0]
+    assert len(markdown) == 2 + 18 and all(line.count("|") == 15 for line in markdown) and small in markdown[0]
     latex = to_latex(table.reset_index())
-    assert latex.startswith(r"\begin{tabular}{llrrrrrrrr}") and r"Top-1 here: shapes 32 px" in latex
-    assert all(len(re.findall(r"(?<!\\)&", row)) == 9 for row in latex.splitlines() if row.endswith(r"\\"))
+    assert latex.startswith(r"\begin{tabular}{ll" + "r" * 12 + "}") and r"Top-1 here: shapes 32 px" in latex
+    assert all(len(re.findall(r"(?<!\\)&", row)) == 13 for row in latex.splitlines() if row.endswith(r"\\"))
     back = pd.read_csv(io.StringIO(to_csv(table.reset_index())), keep_default_na=False)
     assert list(back.columns) == ["Variant", *table.columns]
 
@@ -279,7 +293,7 @@ def test_the_main_table_names_the_model_only_where_it_is_not_the_rows_own(tmp_pa
 def test_renderings_parse(runs):
     table = paper_table(runs, "table5")
     markdown = to_markdown(table).splitlines()
-    assert len(markdown) == 2 + 18 and all(line.count("|") == 9 for line in markdown)
+    assert len(markdown) == 2 + 18 and all(line.count("|") == 11 for line in markdown)
     assert "74.3" in markdown[3] and "Identity mapping" in markdown[3]
 
     latex = to_latex(table)
@@ -287,7 +301,7 @@ def test_renderings_parse(runs):
     assert latex.count("{") - latex.count(r"\{") == latex.count("}") - latex.count(r"\}")
     assert "±" not in latex and "Δ" not in latex and "→" not in latex and r"$\pm$" in latex
     rows = [line for line in latex.splitlines() if line.endswith(r"\\")]
-    assert len(rows) == 1 + 18 and all(len(re.findall(r"(?<!\\)&", row)) == 7 for row in rows)
+    assert len(rows) == 1 + 18 and all(len(re.findall(r"(?<!\\)&", row)) == 9 for row in rows)
     assert latex.count("$") % 2 == 0
 
     back = pd.read_csv(io.StringIO(to_csv(table)), keep_default_na=False)

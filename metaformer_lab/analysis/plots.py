@@ -254,7 +254,8 @@ def label_extents(ax: Axes) -> list:
 
 
 def plot_deltas(table: pd.DataFrame) -> Figure:
-    """Δ top-1 vs baseline here against the paper's, one labelled point per row with runs, and the line y = x.
+    """Δ top-1 vs baseline here against the paper's, one labelled point per row with runs (error bar: the paired
+    95% interval), and the line y = x.
 
     `table`: `compare_to_paper(df)`, or `paper_table(df)` (its numbers are in `attrs["comparison"]`). Each protocol
     is its own series, named in the legend. Where some Δ exceeds 20 points (no residual: -77 in the paper), both axes
@@ -270,12 +271,14 @@ def plot_deltas(table: pd.DataFrame) -> Figure:
         if rows.empty:
             continue
         color = f"C{k % 10}"
-        # the errors of a delta: the row's seed std (the baseline's spread is common to all points)
-        ax.errorbar(rows["delta_paper"], rows["delta_here"], yerr=rows["top1_here_std"].fillna(0), capsize=3,
+        # the error of a delta: its 95% interval, paired by seed, where seeds pair up; else the row's seed std
+        half_interval = (rows["paired_high"] - rows["paired_low"]) / 2
+        yerr = half_interval.fillna(rows["top1_here_std"]).fillna(0)
+        ax.errorbar(rows["delta_paper"], rows["delta_here"], yerr=yerr, capsize=3,
                     fmt=MARKERS[k % len(MARKERS)], color=color, label=protocol or "here")  # fmt: skip
         x += list(rows["delta_paper"])
         y += list(rows["delta_here"])
-        err += list(rows["top1_here_std"])
+        err += list(yerr)
         texts += [_short(experiment) for experiment in rows["experiment"]]
         colors += [color] * len(rows)
     scale = ""

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds, protocol_label
+from metaformer_lab.analysis.stats import paired_difference, spearman
 
 TABLES = ("table5", "main")
 DASH = "—"  # no result here (yet)
@@ -26,7 +27,8 @@ DASH = "—"  # no result here (yet)
 ROW_AXES = ("mixer", "pool_size", "norm", "act", "residual", "mlp")
 # the columns without runs; with runs, the two "here" columns are repeated per protocol, named by `here_columns`
 PAPER_COLUMNS = ["Ablation", "Variant", "Params (M)", "MACs (G)", "Top-1 paper (%)",
-                 "Top-1 here (%, mean ± std, n)", "Δ vs baseline here", "Δ vs baseline in the paper"]  # fmt: skip
+                 "Top-1 here (%, mean ± std, n)", "Δ vs baseline here (paired by seed, [95% CI])", "Δ / SE",
+                 "Sign as paper", "Δ vs baseline in the paper"]  # fmt: skip
 
 
 @cache
@@ -168,7 +170,36 @@ def _compare_block(paper: pd.DataFrame, agg: pd.DataFrame, runs: pd.DataFrame, p
     out["baseline"] = out.index == base
     out["delta_here"] = out["top1_here"] - out.loc[base, "top1_here"]
     out["delta_paper"] = out["top1_paper"] - out.loc[base, "top1_paper"]
+    baseline_scores = _seed_scores(runs, out.loc[base, "config_key"])
+    paired = [paired_difference(_seed_scores(runs, key), baseline_scores) for key in out["config_key"]]
+    out["paired_n"] = [p.n for p in paired]
+    out["paired_delta"], out["paired_se"] = [p.mean for p in paired], [p.se for p in paired]
+    out["paired_low"], out["paired_high"] = [p.low for p in paired], [p.high for p in paired]
+    out["paired_t"] = [p.t for p in paired]
+    out["sign_agrees"] = [_sign_agrees(here, theirs, n) for here, theirs, n
+                          in zip(out["paired_delta"], out["delta_paper"], out["paired_n"], strict=True)]  # fmt: skip
+    out.loc[base, ["paired_delta", "paired_se", "paired_low", "paired_high", "paired_t", "sign_agrees"]] = math.nan
     return out
+
+
+def _seed_scores(runs: pd.DataFrame, config_key: str | None) -> pd.Series:
+    """Best val top-1 (%) of a configuration's completed runs, by seed (a seed recorded twice: the last finished)."""
+    done = runs[(runs["config_key"] == config_key) & (runs["status"] == "completed") & runs["best_val_top1"].notna()]
+    done = done.sort_values("finished_at", na_position="first", kind="stable").drop_duplicates("seed", keep="last")
+    return pd.Series(done["best_val_top1"].to_numpy() * 100, index=done["seed"].to_numpy(), dtype="float64")
+
+
+def _sign_agrees(here: float, paper: float, n: int) -> object:
+    """Does our paired difference go the paper's way? None where either has no sign (no runs, or the paper's 0.0)."""
+    if n == 0 or pd.isna(here) or round(paper, 1) == 0 or here == 0:
+        return None
+    return (here > 0) == (paper > 0)
+
+
+def rank_correlation(block: pd.DataFrame) -> tuple[float, int]:
+    """(Spearman's rho between our top-1 and the paper's over the rows of one protocol that have runs, rows)."""
+    have = block[block["n"] > 0]
+    return spearman(have["top1_here"], have["top1_paper"]), len(have)
 
 
 def protocol_blocks(comparison: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
@@ -179,11 +210,13 @@ def protocol_blocks(comparison: pd.DataFrame) -> list[tuple[str | None, pd.DataF
     ]
 
 
-def here_columns(protocol: str | None) -> tuple[str, str]:
-    """The headers of a protocol's "here" columns (top-1, Δ): "Top-1 here: shapes 32 px, small, 1 ep (%, ...)"."""
-    if protocol is None:  # no runs
-        return PAPER_COLUMNS[5], PAPER_COLUMNS[6]
-    return f"Top-1 here: {protocol} (%, mean ± std, n)", f"Δ vs baseline here: {protocol}"
+def here_columns(protocol: str | None) -> tuple[str, str, str, str]:
+    """The headers of a protocol's "here" columns (top-1, paired Δ, Δ / SE, sign as the paper's): "Top-1 here:
+    shapes 32 px, small, 1 ep (%, ...)", ...; without runs (protocol None) the generic PAPER_COLUMNS."""
+    if protocol is None:
+        return PAPER_COLUMNS[5], PAPER_COLUMNS[6], PAPER_COLUMNS[7], PAPER_COLUMNS[8]
+    return (f"Top-1 here: {protocol} (%, mean ± std, n)", f"Δ vs baseline here: {protocol} (paired by seed, [95% CI])",
+            f"Δ / SE: {protocol}", f"Sign as paper: {protocol}")  # fmt: skip
 
 
 def _problems(df: pd.DataFrame, experiment: str) -> str:
@@ -215,6 +248,23 @@ def _deltas(block: pd.DataFrame, column: str, digits: int) -> list[str]:
     return ["baseline" if base else _delta(x, digits) for base, x in zip(block["baseline"], block[column], strict=True)]
 
 
+def _paired(row: pd.Series, digits: int) -> str:
+    """The paired difference: "-2.9 [-5.6, -0.2]"; one seed: "-2.9"; no seed shared with the baseline: the
+    difference of the means, said so."""
+    if row["baseline"]:
+        return "baseline"
+    if row["paired_n"] == 0:
+        return _delta(row["delta_here"], digits) + (" (unpaired)" if not pd.isna(row["delta_here"]) else "")
+    text = _delta(row["paired_delta"], digits)
+    if row["paired_n"] >= 2:
+        text += f" [{_delta(row['paired_low'], digits)}, {_delta(row['paired_high'], digits)}]"
+    return text
+
+
+def _agreement(value: object) -> str:
+    return DASH if value is None or pd.isna(value) else "yes" if value else "no"
+
+
 def _mean_std(mean: float, std: float, n: int, problems: str = "", digits: int = 1) -> str:
     if n == 0:
         return f"{DASH} ({problems})" if problems else DASH
@@ -243,15 +293,22 @@ def paper_table(df: pd.DataFrame, table: str = "table5", digits: int = 1) -> pd.
         "Params (M)": [params for params, _ in cost], "MACs (G)": [macs for _, macs in cost],
         "Top-1 paper (%)": [f"{top1:.1f}" for top1 in first["top1_paper"]],
     })  # fmt: skip
+    notes = list(comparison.attrs["notes"])
     for protocol, block in blocks:
-        top1, delta = here_columns(protocol)
+        top1, delta, t, sign = here_columns(protocol)
         out[top1] = [
             _mean_std(row["top1_here"], row["top1_here_std"], row["n"], row["problems"], digits)
             for _, row in block.iterrows()
         ]
-        out[delta] = _deltas(block, "delta_here", digits)
+        out[delta] = [_paired(row, digits) for _, row in block.iterrows()]
+        out[t] = ["" if base else _delta(x, 1) for base, x in zip(block["baseline"], block["paired_t"], strict=True)]
+        out[sign] = ["" if base else _agreement(x) for base, x in zip(block["baseline"], block["sign_agrees"],
+                                                                       strict=True)]  # fmt: skip
+        rho, rows = rank_correlation(block)
+        if protocol is not None and rows >= 3:
+            notes.append(f"{protocol}: Spearman rank correlation of top-1 here with the paper's over {rows} rows: "
+                         f"{rho:.2f}")  # fmt: skip
     out[PAPER_COLUMNS[-1]] = _deltas(first, "delta_paper", 1)
-    notes = list(comparison.attrs["notes"])
     if len(blocks) > 1:
         notes.append(f"Params and MACs: those of the runs of {blocks[0][0]!r} where it has some, else the paper's")
     out.attrs.update(comparison=comparison, notes=notes, table=table)
