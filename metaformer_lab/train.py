@@ -252,10 +252,10 @@ def _log_start(cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer
              images, optim.global_batch, cfg.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
              trainer.accumulate_grad_batches)  # fmt: skip
     log.info("  schedule %s: %s", record.schedule, optim.describe())
-    threads = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" \
-        if record.accelerator == "cpu" else ""  # fmt: skip
+    threads = torch.get_num_threads()
+    on_cpu = f" ({threads} thread{'s' * (threads > 1)})" if record.accelerator == "cpu" else ""
     protocol = "".join(f", {group}={cfg[group]}" for group in ("proxy", "debug") if cfg.get(group))
-    log.info("  device %s%s, precision %s%s", record.device_name, threads, record.precision, protocol)
+    log.info("  device %s%s, precision %s%s", record.device_name, on_cpu, record.precision, protocol)
 
 
 def _build_trainer(

@@ -155,6 +155,14 @@ def collect_runs(*dirs: str | Path, config: bool = False) -> pd.DataFrame:
     return df.sort_values(order, na_position="last", kind="stable", ignore_index=True)
 
 
+def completed_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The completed runs with a validation score, one per configuration and seed: of a seed recorded twice, the
+    copy that finished last."""
+    done = df[(df["status"] == "completed") & df["best_val_top1"].notna()]
+    done = done.sort_values("finished_at", na_position="first", kind="stable")
+    return done.drop_duplicates(["config_key", "seed"], keep="last")
+
+
 def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     """Completed runs grouped by configuration (`config_key`): mean, std (over seeds) and n of best val top-1/top-5.
 
@@ -162,9 +170,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     finished last. Columns: config_key, the axes but seed, schedule, train_images, protocol, name, seeds, n,
     top1/top5 mean and std, params, frozen_params, macs, epochs.
     """
-    done = df[(df["status"] == "completed") & df["best_val_top1"].notna()]
-    done = done.sort_values("finished_at", na_position="first", kind="stable")
-    done = done.drop_duplicates(["config_key", "seed"], keep="last")
+    done = completed_runs(df)
     rows = []
     for key, runs in done.groupby("config_key", sort=False):
         first = runs.iloc[0]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds, protocol_label
+from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds, completed_runs, protocol_label
 from metaformer_lab.analysis.stats import paired_difference, spearman
 
 TABLES = ("table5", "main")
@@ -170,8 +170,9 @@ def _compare_block(paper: pd.DataFrame, agg: pd.DataFrame, runs: pd.DataFrame, p
     out["baseline"] = out.index == base
     out["delta_here"] = out["top1_here"] - out.loc[base, "top1_here"]
     out["delta_paper"] = out["top1_paper"] - out.loc[base, "top1_paper"]
-    baseline_scores = _seed_scores(runs, out.loc[base, "config_key"])
-    paired = [paired_difference(_seed_scores(runs, key), baseline_scores) for key in out["config_key"]]
+    done = completed_runs(runs)
+    baseline_scores = _seed_scores(done, out.loc[base, "config_key"])
+    paired = [paired_difference(_seed_scores(done, key), baseline_scores) for key in out["config_key"]]
     out["paired_n"] = [p.n for p in paired]
     out["paired_delta"], out["paired_se"] = [p.mean for p in paired], [p.se for p in paired]
     out["paired_low"], out["paired_high"] = [p.low for p in paired], [p.high for p in paired]
@@ -182,11 +183,10 @@ def _compare_block(paper: pd.DataFrame, agg: pd.DataFrame, runs: pd.DataFrame, p
     return out
 
 
-def _seed_scores(runs: pd.DataFrame, config_key: str | None) -> pd.Series:
-    """Best val top-1 (%) of a configuration's completed runs, by seed (a seed recorded twice: the last finished)."""
-    done = runs[(runs["config_key"] == config_key) & (runs["status"] == "completed") & runs["best_val_top1"].notna()]
-    done = done.sort_values("finished_at", na_position="first", kind="stable").drop_duplicates("seed", keep="last")
-    return pd.Series(done["best_val_top1"].to_numpy() * 100, index=done["seed"].to_numpy(), dtype="float64")
+def _seed_scores(done: pd.DataFrame, config_key: str | None) -> pd.Series:
+    """Best val top-1 (%) of a configuration by seed, from `completed_runs`."""
+    runs = done[done["config_key"] == config_key]
+    return pd.Series(runs["best_val_top1"].to_numpy() * 100, index=runs["seed"].to_numpy(), dtype="float64")
 
 
 def _sign_agrees(here: float, paper: float, n: int) -> object:
