@@ -14,7 +14,8 @@ The model and data come from:
   official release's crop_pct (`presets.EVAL_CROP_PCT`);
 - `model=<preset>` always wins; the data is then that of any other file.
 `key=value` sets `data.<key>` (root, image_size, crop_pct, batch_size, num_workers, ...) and `trainer.accelerator`,
-`trainer.precision`, `trainer.channels_last` (auto: one GPU in bf16-mixed where there is one, else the CPU in fp32).
+`trainer.precision`, `trainer.channels_last` (auto: one GPU in bf16-mixed where there is one, else the CPU in fp32;
+NHWC on both).
 Evaluation is training's own validation (Lightning's validate, the same LightningModule and data module), so a run's
 best.ckpt gives its record's best_val_top1 exactly (same machine, same code). Unreadable images are skipped and
 counted. The JSON goes to --out, else to `<run_dir>/evaluation.json` for a run's checkpoint, else to

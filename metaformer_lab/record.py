@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 4  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
-#                   4: cuda_visible_devices
+SCHEMA_VERSION = 5  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
+#                   4: cuda_visible_devices; 5: data_wait_fraction, first_step_s
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -77,6 +77,8 @@ class RunRecord:
     lr: float | None = None  # peak learning rate
     wall_time_s: float = 0.0
     train_throughput_img_s: float | None = None
+    data_wait_fraction: float | None = None  # time between training batches (data fetch, loop) over all their time
+    first_step_s: float | None = None  # from the process's start to its first training batch
     # provenance
     started_at: str = ""
     finished_at: str | None = None

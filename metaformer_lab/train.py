@@ -169,6 +169,8 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
             write_record(run_dir, record)
             if wandb is not None and (where := wandb_location(wandb)):
                 log.info(where)
+            if speed := speed_line(record):
+                log.info(speed)
             log.info(end_line(record))
         if wandb is not None:
             _finish_wandb(wandb, record)
@@ -229,6 +231,18 @@ def end_line(record: RunRecord) -> str:
     if skipped := sum(record.unreadable_images.values()):
         took += f", {skipped} unreadable image{'s' * (skipped > 1)} skipped (listed in the record)"
     return f"{record.status}{reason}: {result}, {took}; record {shown_path(Path(record.run_dir) / RECORD_NAME)}"
+
+
+def speed_line(record: RunRecord) -> str | None:
+    """How fast the steps ran, how long they waited between batches, and how soon the first one began."""
+    if record.train_throughput_img_s is None:
+        return None
+    line = f"speed: {record.train_throughput_img_s:.1f} img/s per process in training steps"
+    if record.data_wait_fraction is not None:
+        line += f", {100 * record.data_wait_fraction:.1f}% of the time between batches (data, loop)"
+    if record.first_step_s is not None:
+        line += f"; first step {record.first_step_s:.1f} s after the process started"
+    return line
 
 
 def _count(number: float, unit: str) -> str:
@@ -310,6 +324,7 @@ def _finish_wandb(logger: WandbLogger, record: RunRecord) -> None:
 def _summarize(record: RunRecord, trainer: L.Trainer, history: ValidationHistory, speed: TrainThroughput) -> None:
     record.epochs, record.steps = trainer.current_epoch, trainer.global_step
     record.train_throughput_img_s = speed.images_per_second
+    record.data_wait_fraction, record.first_step_s = speed.data_wait_fraction, speed.first_step_s
     unreadable = next(c for c in trainer.callbacks if isinstance(c, UnreadableImages))
     if datamodule := trainer.datamodule:
         record.unreadable_images = unreadable.counts(datamodule)

@@ -2,9 +2,19 @@ import json
 import math
 
 import pytest
+import torch
 
-from metaformer_lab.bench import STAGES, loader_plan, main
+from metaformer_lab.bench import main
+from metaformer_lab.bench.loader import STAGES, loader_plan
+from metaformer_lab.bench.model import TOLERANCE, Variant, fp32_differences
+from metaformer_lab.bench.reference import ConvMlp, straightforward
 from metaformer_lab.data.jpeg_folder import write_jpeg_folder
+from metaformer_lab.models import create_model
+from metaformer_lab.models.activations import ACTIVATIONS
+from metaformer_lab.models.metaformer import Mlp
+from metaformer_lab.models.mixers import MIXERS
+from metaformer_lab.models.norms import NORMS
+from metaformer_lab.training import callbacks
 
 
 def test_loader_plan_arithmetic():
@@ -60,3 +70,94 @@ def test_loader_rejects_a_folder_without_train(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["loader", "--root", str(tmp_path)])
     assert exit_info.value.code == 2 and "no train/ folder" in capsys.readouterr().err
+
+
+def _tiny(**axes):
+    return create_model("poolformer_s12", img_size=32, num_classes=10, depths=[1, 1, 1, 1], dims=[32, 32, 64, 64],
+                        stem=[2, 2, 0], downsampling=[2, 2, 0], layer_scale_init_value=1.0, drop_path_rate=0.1,
+                        **axes)  # fmt: skip
+
+
+AXES = [("mixer", name) for name in MIXERS.names()] + [("norm", name) for name in NORMS.names()] + [
+    ("act", name) for name in ACTIVATIONS.names()
+]
+
+
+@pytest.mark.parametrize("key, value", AXES, ids=[f"{k}={v}" for k, v in AXES])
+def test_the_fast_path_computes_what_the_straightforward_baseline_does(key, value):
+    # every mixer, norm and activation: NHWC with the MLP as matrix products (training's default) against the
+    # official computation (1x1 convolutions, NCHW), logits and every gradient, drop path on
+    torch.manual_seed(0)
+    model = _tiny(**{key: value})
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    baseline = Variant(straightforward(model), images, labels, "32", False, False)
+    fast = Variant(model, images, labels, "32", True, False)
+    assert fast.images.is_contiguous(memory_format=torch.channels_last)
+    differences = fp32_differences(baseline, fast)
+    assert differences["max_logit_diff"] <= TOLERANCE and differences["max_grad_diff"] <= TOLERANCE, differences
+    assert differences["max_grad_diff"] > 0 or key == "act"  # the kernels differ: exact equality would be suspicious
+    assert {type(m) for m in baseline.model.modules() if isinstance(m, Mlp)} == {ConvMlp}
+    assert {type(m) for m in fast.model.modules() if isinstance(m, Mlp)} == {Mlp}
+
+
+def test_the_baseline_keeps_the_models_keys_and_weights():
+    model = _tiny()
+    baseline = straightforward(model)
+    assert baseline.state_dict().keys() == model.state_dict().keys()
+    pairs = zip(baseline.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert baseline.network[0][0].mlp.fc1.weight is not model.network[0][0].mlp.fc1.weight  # a copy
+
+
+def test_model_command_prints_and_writes_both_variants(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    main(["model", "poolformer_s12", "depths=[1,1,1,1]", "dims=[8,16,32,64]", "num_classes=10", "--image-size", "32",
+          "--batch-size", "4", "--seconds", "0", "--rounds", "2", "--threads", "1", "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "baseline (32, NCHW)" in printed and "this project (32, NHWC)" in printed and "within 1e-05" in printed
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"baseline", "this project"}
+    for variant in report["variants"].values():
+        train = variant["train"]
+        assert train["repeats"] >= 2 and train["slowest_images_per_s"] <= train["images_per_s"]
+        assert train["images_per_s"] <= train["fastest_images_per_s"]
+        assert variant["train_gflop_s"] == pytest.approx(train["images_per_s"] * 6 * report["macs"] / 1e9)
+        assert variant["saved_for_backward_mb"] > 0 and variant["peak_allocated_mb"] is None
+    fast, base = report["variants"]["this project"], report["variants"]["baseline"]
+    assert report["train_speedup"] == pytest.approx(fast["train"]["images_per_s"] / base["train"]["images_per_s"])
+    assert report["max_logit_diff"] <= 1e-5 and report["matmul_peak_gflop_s"] > 0
+    assert report["device"] == "cpu (1 threads)"
+
+
+def test_model_command_refuses_an_unknown_axis_value(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["model", "poolformer_s12", "mixer=poolin", "--image-size", "32"])
+    assert stop.value.code == 2 and "poolin" in capsys.readouterr().err
+
+
+def test_loop_command_times_lightning_and_the_bare_loop(tmp_path, capsys):
+    out = tmp_path / "loop.json"
+    main(["loop", "data.train_size=256", "data.batch_size=16", "optim.global_batch=16", "model.depths=[1,1,1,1]",
+          "model.dims=[8,16,32,64]", "--steps", "8", "--rounds", "1", "--json", str(out)])  # fmt: skip
+    assert "Lightning runs at" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert set(report["median_step_ms"]) == {"lightning", "bare"} and report["batch_size"] == 16
+    assert report["lightning_over_bare"] == pytest.approx(
+        report["median_step_ms"]["bare"] / report["median_step_ms"]["lightning"]
+    )
+    assert 0 <= report["bare_data_wait_fraction"] < 1
+
+
+def test_throughput_counts_the_time_between_batches_within_an_epoch(monkeypatch):
+    clock = iter([0.0, 1.0, 1.5, 2.5, 3.0, 4.0, 4.5, 5.5, 10.0, 11.0])  # starts and ends of 5 batches
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    speed, batch = callbacks.TrainThroughput(), (torch.zeros(8, 3, 4, 4), torch.zeros(8))
+    for index in range(5):
+        if index == 4:
+            speed.on_validation_start(None, None)  # a validation between batches 4 and 5: not waiting on data
+        speed.on_train_batch_start(None, None, batch, index)
+        speed.on_train_batch_end(None, None, None, batch, index)
+    # timed: batches 3-5 (1 s each); between: only before batch 4 (0.5 s)
+    assert speed.images_per_second == pytest.approx(24 / 3.0)
+    assert speed.data_wait_fraction == pytest.approx(0.5 / 3.5)
+    assert speed.first_step_s is None or speed.first_step_s > 0

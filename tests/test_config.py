@@ -216,7 +216,7 @@ def test_accumulation_is_derived_from_the_global_batch_and_says_how_to_change_it
 def test_the_accelerator_is_found_not_assumed(monkeypatch):
     auto = compose_config().trainer
     assert resolve_device(auto) | {} == {**resolve_device(auto), "accelerator": "cpu", "precision": "32",
-                                         "channels_last": False}  # fmt: skip
+                                         "channels_last": True}  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     gpu = resolve_device(auto)
@@ -224,7 +224,7 @@ def test_the_accelerator_is_found_not_assumed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert resolve_device(auto)["precision"] == "32"
     forced = resolve_device(compose_config("trainer=cpu").trainer)  # a forced choice stays, GPU or not
-    assert (forced["accelerator"], forced["precision"], forced["channels_last"]) == ("cpu", "32", False)
+    assert (forced["accelerator"], forced["precision"], forced["channels_last"]) == ("cpu", "32", True)
 
 
 @pytest.mark.parametrize("overrides, label", [

@@ -54,7 +54,7 @@ def test_per_stage_mixers_from_one_override(tmp_path):
 def test_record_schema_of_a_completed_run(tmp_path):
     train(compose_config(*QUICK, "optim.epochs=1", "seed=3"), tmp_path)
     data = json.loads((tmp_path / "result.json").read_text())
-    assert data["schema_version"] == 4 and data["status"] in STATUSES
+    assert data["schema_version"] == 5 and data["status"] in STATUSES
     assert data["unreadable_images"] == {"train": 0, "val": 0} and data["unreadable_paths"] == []
     assert (data["schedule"], data["train_images"], data["world_size"]) == ("1 ep", 256, 1)
     assert (data["accelerator"], data["device_name"], data["precision"]) == ("cpu", "cpu", "32")
@@ -74,6 +74,8 @@ def test_record_schema_of_a_completed_run(tmp_path):
         "lr",
         "wall_time_s",
         "train_throughput_img_s",
+        "data_wait_fraction",
+        "first_step_s",
     ):
         assert isinstance(data[key], int | float), key  # fmt: skip
     assert data["versions"]["torch"] == torch.__version__ and "git_commit" in data
@@ -97,6 +99,8 @@ def test_a_run_ends_with_one_line_and_logs_to_run_log_without_noise(tmp_path):
     assert re.fullmatch(r"completed: best val top-1 \d+\.\d\d%, final \d+\.\d\d%, 1 ep / 3 steps in \d+ s; record "
                         r"runs/.*/result.json", last), last  # fmt: skip
     assert "schedule 2 ep, max 3 steps" in result.stdout
+    assert re.search(r"speed: \d+\.\d img/s per process in training steps, \d+\.\d% of the time between batches "
+                     r"\(data, loop\); first step \d+\.\d s after the process started\n", result.stdout)
     assert re.search(r"device cpu \(\d+ threads?\), precision 32\n", result.stdout)
     assert re.search(r"wandb: offline; upload with `wandb sync runs/.*/wandb/offline-run-", result.stdout)
     for noise in ("Tip", "Total Flops", "litlogger", "Tracking run with wandb", "Run history", "anonymous",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -71,29 +72,62 @@ class ResumableRng(L.Callback):
             random.seed(seed)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), None where that cannot be read."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time, in ticks
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class TrainThroughput(L.Callback):
-    """Training images per second (per process), timed over all batches but the first two."""
+    """Training images per second (per process), timed over all batches but the first two; the share of time spent
+    between batches (fetching the next one, and the loop's own work) and when the first batch started.
+
+    The time between one batch's end and the next one's start is Lightning's data fetch and loop: what the issue
+    calls waiting on data, counted within an epoch only (not across validation or an epoch's end)."""
 
     warmup_batches = 2  # the first batches include one-off set-up (allocation, compilation)
 
     def __init__(self) -> None:
         self.images = 0
         self.seconds = 0.0
+        self.between = 0.0
         self.seen = 0
+        self.first_step_s: float | None = None  # from the process's start to the first training batch
         self._start = 0.0
+        self._end: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._end = None
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._end = None
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
         self._start = time.perf_counter()
+        if self.first_step_s is None:
+            self.first_step_s = process_age_s()
+        if self._end is not None and self.seen > self.warmup_batches:
+            self.between += self._start - self._end
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, idx: int) -> None:
         self.seen += 1
+        self._end = time.perf_counter()
         if self.seen > self.warmup_batches:
             self.images += len(batch[0])
-            self.seconds += time.perf_counter() - self._start
+            self.seconds += self._end - self._start
 
     @property
     def images_per_second(self) -> float | None:
         return self.images / self.seconds if self.seconds > 0 else None
+
+    @property
+    def data_wait_fraction(self) -> float | None:
+        """Time between batches over all the time of the timed batches (their steps and the gaps before them)."""
+        return self.between / (self.between + self.seconds) if self.seconds > 0 else None
 
 
 def share_batchnorm_stats(model: torch.nn.Module, mode: str) -> int:

@@ -1,4 +1,4 @@
-"""Benchmarks of this machine for training: `loader` now (can its CPUs keep a GPU fed?), model benchmarks later.
+"""`python -m metaformer_lab.bench loader`: can this machine's CPUs keep a GPU fed?
 
     python -m metaformer_lab.bench loader [--root FOLDER] [--images 100] [--image-size 224] [--json FILE]
 
@@ -21,14 +21,12 @@ import copy
 import cProfile
 import dataclasses
 import itertools
-import json
 import math
 import os
 import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ import PIL
 import torch
 from PIL import Image, features
 
+from metaformer_lab.bench.timing import rate, time_rounds
 from metaformer_lab.data.datamodules import image_tensor
 from metaformer_lab.data.imagefolder import (
     UNREADABLE,
@@ -58,15 +57,6 @@ STAGES = ("open (header)", "JPEG decode", "convert to RGB + close", "random resi
 
 
 @dataclass(frozen=True)
-class Rate:
-    """How fast one process runs one pipeline: the median of `repeats` timed passes over the same images."""
-
-    images_per_s: float
-    ms_per_image: float
-    repeats: int
-
-
-@dataclass(frozen=True)
 class LoaderPlan:
     """Loader processes one GPU needs, and how many such GPUs `cpu_count` cores can feed (one worker per core)."""
 
@@ -81,27 +71,6 @@ def loader_plan(train_throughput: float, images_per_s_per_process: float, cpu_co
         raise ValueError("throughput and rate must be positive")
     workers = math.ceil(train_throughput / images_per_s_per_process)
     return LoaderPlan(workers, cpu_count // workers, cpu_count * images_per_s_per_process / train_throughput)
-
-
-def time_rounds(runs: dict[str, Callable[[], object]], seconds: float, min_rounds: int = 3) -> dict[str, list[float]]:
-    """Seconds per pass of each run: one warm-up round, then rounds of every run in turn until `seconds` per run
-    (and `min_rounds`) have passed. Interleaved so that a shared machine's slow and fast spells hit all alike."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    start = time.perf_counter()
-    while min(map(len, times.values())) < min_rounds or time.perf_counter() - start < seconds * len(runs):
-        for name, run in runs.items():
-            begin = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - begin)
-    return times
-
-
-def rate(times: list[float], images: int) -> Rate:
-    """The median pass of `images` images as a rate."""
-    median = statistics.median(times)
-    return Rate(images / median, 1000 * median / images, len(times))
 
 
 def decode(paths: list[Path]) -> None:
@@ -288,12 +257,7 @@ def print_loader(report: dict[str, Any]) -> None:
           "before the core each GPU's training process takes itself")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m metaformer_lab.bench", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_parser(commands: argparse._SubParsersAction) -> None:
     loader = commands.add_parser(
         "loader", help="can this machine's CPUs feed a GPU?", description=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -309,35 +273,24 @@ def main(argv: list[str] | None = None) -> None:
         "a measured one, e.g. train_throughput_img_s in a run's result.json, which is per GPU)",
     )  # fmt: skip
     loader.add_argument("--seconds", type=float, default=3.0, help="time each pipeline about this long (default 3)")
-    loader.add_argument("--json", type=Path, metavar="FILE", help="write all numbers to FILE as JSON")
     loader.add_argument("--profile", type=Path, metavar="FILE", help="write cProfile stats of one train pass to FILE")
-    args = parser.parse_args(argv)
+    loader.set_defaults(measure=measure, show=print_loader)
+
+
+def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     if args.images < 1 or args.image_size < 1 or args.train_throughput <= 0 or args.seconds < 0:
         parser.error("--images, --image-size, --train-throughput must be positive, --seconds not negative")
     torch.set_num_threads(1)  # as a loader worker
     policy = None if args.rand_augment.lower() == "none" else args.rand_augment
-    try:
-        if policy is not None:
-            RandAugment.parse(policy, key="--rand-augment")  # before writing any folder
-    except ConfigError as error:
-        parser.exit(2, f"error: {error}\n")
+    if policy is not None:
+        RandAugment.parse(policy, key="--rand-augment")  # before writing any folder
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as scratch:
         root = args.root
         if root is None:
             per_class = math.ceil(args.images / len(CLASS_NAMES))
             root = write_jpeg_folder(Path(scratch) / "jpeg_folder", train_per_class=per_class, val_per_class=1)
-        try:
-            report = bench_loader(root, args.images, args.image_size, args.crop_pct, policy, args.seconds, args.profile)
-        except ConfigError as error:
-            parser.exit(2, f"error: {error}\n")
+        report = bench_loader(root, args.images, args.image_size, args.crop_pct, policy, args.seconds, args.profile)
     report["generated"] = args.root is None
     plan = loader_plan(args.train_throughput, report["train"]["images_per_s"], report["cpu_count"] or 1)
     report.update(train_throughput_img_s=args.train_throughput, **asdict(plan))
-    print_loader(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-
-
-if __name__ == "__main__":
-    main()
+    return report

@@ -1,0 +1,3 @@
+from metaformer_lab.bench import main
+
+main()

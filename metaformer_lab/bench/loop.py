@@ -1,0 +1,162 @@
+"""`python -m metaformer_lab.bench loop`: the Lightning loop against a bare PyTorch loop over the same model, data
+and batch, to show what Lightning costs per step.
+
+    python -m metaformer_lab.bench loop [run.py overrides; default data.image_size=64] [--steps 60] [--rounds 3]
+
+The run's config is composed as `python run.py` would (the default: the small model on the embedded data at 64 px,
+batch 128). `lightning`: `trainer.fit` of run.py's LightningModule (mixup and cutmix, soft-target loss, the
+finite-loss check, logging, AdamW and the per-step schedule) with `max_steps`, no logger, checkpoint or progress
+bar. `bare`: the same step written as a plain loop over the same DataLoader. A step's time is the time between one
+batch's start and the next (data loading included); the first steps of each pass are left out. Passes alternate,
+`--rounds` of each; the median step of all rounds is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from metaformer_lab.config import build_datamodule, build_model, build_optim, resolve_device
+from metaformer_lab.registry import ConfigError
+from metaformer_lab.training.mixing import mix_batch
+from metaformer_lab.training.module import ImageClassifier, OptimSettings, parameter_groups
+
+WARMUP_STEPS = 3  # of each pass: worker start-up, first allocations
+TARGET = 0.95  # the issue's bound on Lightning's speed over the bare loop's
+
+
+class StepClock(L.Callback):
+    """The time at each training batch's start."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.starts.append(time.perf_counter())
+
+
+def step_times(starts: list[float]) -> list[float]:
+    """Seconds per step from the batch start times of one pass, without its first WARMUP_STEPS steps."""
+    return [b - a for a, b in itertools.pairwise(starts[WARMUP_STEPS:])]
+
+
+def lightning_pass(
+    module: ImageClassifier, datamodule: L.LightningDataModule, trainer_args: dict, steps: int
+) -> list[float]:
+    clock = StepClock()
+    trainer = L.Trainer(
+        accelerator=trainer_args["accelerator"], precision=trainer_args["precision"], devices=1, max_steps=steps,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    return step_times(clock.starts)
+
+
+class BareLoop:
+    """run.py's training step without Lightning: the same batch hooks (normalization), mixing, loss, finite check,
+    AdamW and schedule."""
+
+    def __init__(self, module: ImageClassifier, optim: OptimSettings, datamodule: L.LightningDataModule) -> None:
+        self.module, self.optim, self.datamodule = module, optim, datamodule
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(module.model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+        )
+        steps_per_epoch = max(1, len(datamodule.train_dataloader()))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: optim.lr_at(step / steps_per_epoch) / optim.lr
+        )
+        self.waits: list[float] = []
+
+    def run(self, steps: int) -> list[float]:
+        o, model, starts = self.optim, self.module, []
+        model.train()
+        batches = iter(self.datamodule.train_dataloader())
+        for _ in range(steps):
+            starts.append(time.perf_counter())
+            batch = self.datamodule.on_before_batch_transfer(next(batches), 0)
+            images, labels = self.datamodule.on_after_batch_transfer(batch, 0)  # uint8 -> normalized float
+            self.waits.append(time.perf_counter() - starts[-1])
+            images, targets = mix_batch(
+                images, labels, model.num_classes, o.label_smoothing, o.mixup_alpha, o.cutmix_alpha, o.mix_prob,
+                o.mix_switch_prob,
+            )  # fmt: skip
+            logits = model(images)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            if not torch.isfinite(loss):
+                raise RuntimeError("the loss diverged")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.step()
+        starts.append(time.perf_counter())
+        return step_times(starts)
+
+
+def bench_loop(overrides: list[str], steps: int, rounds: int) -> dict[str, Any]:
+    from metaformer_lab.plan import compose_job
+
+    cfg = compose_job(overrides)[0]
+    torch.manual_seed(cfg.seed)
+    optim, datamodule = build_optim(cfg), build_datamodule(cfg)
+    datamodule.setup("fit")
+    trainer_args = resolve_device(cfg.trainer)
+    model = build_model(cfg, datamodule.num_classes)
+    module = ImageClassifier(
+        model, optim, datamodule.num_classes, trainer_args["channels_last"], datamodule.random_erasing
+    )
+    if trainer_args["precision"] != "32" or trainer_args["accelerator"] != "cpu":
+        raise ConfigError("trainer", f"{trainer_args['accelerator']} {trainer_args['precision']}",
+                          "the CPU in fp32 (the bare loop has no autocast or device placement)")  # fmt: skip
+    bare = BareLoop(module, optim, datamodule)
+    times: dict[str, list[float]] = {"lightning": [], "bare": []}
+    for _ in range(rounds):
+        times["lightning"] += lightning_pass(module, datamodule, trainer_args, steps)
+        times["bare"] += bare.run(steps)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    batch = cfg.data.batch_size
+    return {
+        "overrides": overrides, "model": cfg.model.name, "image_size": cfg.data.image_size, "batch_size": batch,
+        "num_workers": cfg.data.num_workers, "threads": torch.get_num_threads(), "steps_per_pass": steps,
+        "rounds": rounds, "median_step_ms": {name: 1000 * m for name, m in medians.items()},
+        "images_per_s": {name: batch / m for name, m in medians.items()},
+        "lightning_over_bare": medians["bare"] / medians["lightning"], "target": TARGET,
+        "bare_data_wait_fraction": sum(bare.waits) / (sum(times["bare"]) or 1.0),
+    }  # fmt: skip
+
+
+def print_loop(report: dict[str, Any]) -> None:
+    print(f"loop: model {report['model']} at {report['image_size']} px, batch {report['batch_size']}, "
+          f"{report['num_workers']} loader workers, {report['threads']} threads; {report['rounds']} rounds of "
+          f"{report['steps_per_pass']} steps each")  # fmt: skip
+    for name in ("lightning", "bare"):
+        print(f"  {name:<10} {report['median_step_ms'][name]:8.1f} ms/step  {report['images_per_s'][name]:8.1f} img/s")
+    verdict = "meets" if report["lightning_over_bare"] >= report["target"] else "below"
+    print(f"  Lightning runs at {report['lightning_over_bare']:.3f}x the bare loop's speed ({verdict} the target of "
+          f"{report['target']}x); the bare loop waited on data {100 * report['bare_data_wait_fraction']:.1f}% of "
+          "its time")  # fmt: skip
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    loop = commands.add_parser(
+        "loop", help="the Lightning loop against a bare PyTorch loop", description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    loop.add_argument("overrides", nargs="*", default=["data.image_size=64"],
+                      help="run.py overrides (default: data.image_size=64)")  # fmt: skip
+    loop.add_argument("--steps", type=int, default=60, help="steps per pass (default 60)")
+    loop.add_argument("--rounds", type=int, default=3, help="passes of each loop (default 3)")
+    loop.set_defaults(measure=measure, show=print_loop)
+
+
+def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    if args.steps <= WARMUP_STEPS + 1 or args.rounds < 1:
+        parser.error(f"--steps must be more than {WARMUP_STEPS + 1} and --rounds positive")
+    return bench_loop(args.overrides, args.steps, args.rounds)
