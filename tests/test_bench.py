@@ -90,8 +90,8 @@ def test_the_fast_path_computes_what_the_straightforward_baseline_does(key, valu
     torch.manual_seed(0)
     model = _tiny(**{key: value})
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    baseline = Variant(straightforward(model), images, labels, "32", False, False)
-    fast = Variant(model, images, labels, "32", True, False)
+    baseline = Variant(straightforward(model), images, labels, "32", False, False, False)
+    fast = Variant(model, images, labels, "32", True, False, True)
     assert fast.images.is_contiguous(memory_format=torch.channels_last)
     differences = fp32_differences(baseline, fast)
     assert differences["max_logit_diff"] <= TOLERANCE and differences["max_grad_diff"] <= TOLERANCE, differences
