@@ -78,7 +78,7 @@ class RunRecord:
     wall_time_s: float = 0.0
     train_throughput_img_s: float | None = None
     data_wait_fraction: float | None = None  # time between training batches (data fetch, loop) over all their time
-    first_step_s: float | None = None  # from the process's start to its first training batch
+    first_step_s: float | None = None  # command to first batch (a sweep worker's later jobs: from their own start)
     # provenance
     started_at: str = ""
     finished_at: str | None = None

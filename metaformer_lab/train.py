@@ -50,6 +50,7 @@ from metaformer_lab.training.callbacks import (
     TrainThroughput,
     UnreadableImages,
     ValidationHistory,
+    run_began,
 )
 from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO, remove_partial_writes
 from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
@@ -99,6 +100,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     previous = begin.previous
 
     start = time.perf_counter()
+    began = run_began(start)
     record = RunRecord(run_dir=str(run_dir), seed=cfg.seed, started_at=now_utc(), versions=_versions(), config=config)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before the model: its init is part of the seed
     optim = build_optim(cfg)
@@ -119,7 +121,9 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     ckpt_path, resuming = begin.checkpoint, begin.resuming
     if resuming:
         record.started_at, record.wandb_id = previous.started_at, previous.wandb_id
-    trainer, history, throughput, wandb = _build_trainer(cfg, run_dir, record, optim, trainer_args, callbacks, resuming)
+    trainer, history, throughput, wandb = _build_trainer(
+        cfg, run_dir, record, optim, trainer_args, callbacks, resuming, began
+    )
     record.world_size = trainer.world_size
     record.cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     check_validation_interval(trainer_args, record.train_images, cfg.data.batch_size, trainer.world_size)
@@ -241,7 +245,7 @@ def speed_line(record: RunRecord) -> str | None:
     if record.data_wait_fraction is not None:
         line += f", {100 * record.data_wait_fraction:.1f}% of the time between batches (data, loop)"
     if record.first_step_s is not None:
-        line += f"; first step {record.first_step_s:.1f} s after the process started"
+        line += f"; first step {record.first_step_s:.1f} s after the run began"
     return line
 
 
@@ -274,7 +278,7 @@ def _log_start(cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer
 
 def _build_trainer(
     cfg: DictConfig, run_dir: Path, record: RunRecord, optim: OptimSettings, trainer_args: dict,
-    callbacks: Sequence[L.Callback], resuming: bool,
+    callbacks: Sequence[L.Callback], resuming: bool, began: float | None,
 ) -> tuple[L.Trainer, ValidationHistory, TrainThroughput, WandbLogger | None]:  # fmt: skip
     # a resumed run logs to a folder of its own: Lightning's CSVLogger deletes the metrics.csv it finds
     segment = f"resume-{len(list(run_dir.glob('csv/resume-*'))) + 1}" if resuming else ""
@@ -282,7 +286,7 @@ def _build_trainer(
     wandb = wandb_logger(cfg, run_dir, record) if cfg.logger.wandb else None
     if wandb is not None:
         loggers.append(wandb)
-    history, throughput = ValidationHistory(), TrainThroughput()
+    history, throughput = ValidationHistory(), TrainThroughput(began)
     checkpoints = run_dir / "checkpoints"
     extra: list[L.Callback] = []
     if (minutes := cfg.trainer.save_every_minutes) is not None:

@@ -151,7 +151,7 @@ def test_loop_command_times_lightning_and_the_bare_loop(tmp_path, capsys):
 def test_throughput_counts_the_time_between_batches_within_an_epoch(monkeypatch):
     clock = iter([0.0, 1.0, 1.5, 2.5, 3.0, 4.0, 4.5, 5.5, 10.0, 11.0])  # starts and ends of 5 batches
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
-    speed, batch = callbacks.TrainThroughput(), (torch.zeros(8, 3, 4, 4), torch.zeros(8))
+    speed, batch = callbacks.TrainThroughput(began=-2.0), (torch.zeros(8, 3, 4, 4), torch.zeros(8))
     for index in range(5):
         if index == 4:
             speed.on_validation_start(None, None)  # a validation between batches 4 and 5: not waiting on data
@@ -160,4 +160,11 @@ def test_throughput_counts_the_time_between_batches_within_an_epoch(monkeypatch)
     # timed: batches 3-5 (1 s each); between: only before batch 4 (0.5 s)
     assert speed.images_per_second == pytest.approx(24 / 3.0)
     assert speed.data_wait_fraction == pytest.approx(0.5 / 3.5)
-    assert speed.first_step_s is None or speed.first_step_s > 0
+    assert speed.first_step_s == 2.0  # from `began` to the first batch's start
+
+
+def test_a_sweeps_later_runs_in_one_process_begin_when_they_start(monkeypatch):
+    monkeypatch.setattr(callbacks, "_runs_begun", 0)
+    monkeypatch.setattr(callbacks, "process_age_s", lambda: 3.0)
+    assert callbacks.run_began(10.0) == 7.0  # the process's first run: from the command
+    assert callbacks.run_began(50.0) == 50.0  # a later job of the same worker process: from its own start

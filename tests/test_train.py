@@ -100,7 +100,7 @@ def test_a_run_ends_with_one_line_and_logs_to_run_log_without_noise(tmp_path):
                         r"runs/.*/result.json", last), last  # fmt: skip
     assert "schedule 2 ep, max 3 steps" in result.stdout
     assert re.search(r"speed: \d+\.\d img/s per process in training steps, \d+\.\d% of the time between batches "
-                     r"\(data, loop\); first step \d+\.\d s after the process started\n", result.stdout)
+                     r"\(data, loop\); first step \d+\.\d s after the run began\n", result.stdout)
     assert re.search(r"device cpu \(\d+ threads?\), precision 32\n", result.stdout)
     assert re.search(r"wandb: offline; upload with `wandb sync runs/.*/wandb/offline-run-", result.stdout)
     for noise in ("Tip", "Total Flops", "litlogger", "Tracking run with wandb", "Run history", "anonymous",

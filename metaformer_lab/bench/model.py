@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -146,14 +147,23 @@ def fp32_differences(baseline: Variant, fast: Variant) -> dict[str, float]:
 
 def matmul_peak_gflop_s(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
     """GFLOP/s of square matrix products in `dtype` on `device` (the median of repeats): what a training step's
-    FLOPs can be compared with."""
-    size = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    FLOPs can be compared with. The size doubles from 256 while a product takes under 50 ms (up to 8192 on a GPU,
+    2048 on a CPU): a CPU without fp16 instructions multiplies in fp16 at well under 1 GFLOP/s."""
+    largest, size = (8192 if device.type == "cuda" else 2048), 128
 
     def product() -> None:
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    took = 0.0
+    while size < largest and took < 0.05:
+        size *= 2
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        product()  # warm-up
+        begin = time.perf_counter()
+        product()
+        took = time.perf_counter() - begin
 
     times = time_rounds({"matmul": product}, seconds, min_rounds=5)["matmul"]
     return rate(times, 1).images_per_s * 2 * size**3 / 1e9
@@ -251,7 +261,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     model.add_argument("overrides", nargs="*", help="MetaFormer arguments, key=value (Hydra syntax)")
     model.add_argument("--image-size", type=int, default=224)
     model.add_argument("--batch-size", type=int, default=32)
-    model.add_argument("--precision", default="32", choices=list(PRECISIONS))
+    model.add_argument("--precision", default="32", choices=list(PRECISIONS),
+                       help="this project's variant (the baseline stays fp32); CPUs without bf16 or fp16 instructions "
+                       "emulate them, far slower than fp32")  # fmt: skip
     model.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                        help="this project's variant in NCHW (default NHWC, as training)")  # fmt: skip
     model.add_argument("--compile", action="store_true", help="torch.compile this project's variant (inductor)")

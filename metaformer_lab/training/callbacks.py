@@ -72,6 +72,20 @@ class ResumableRng(L.Callback):
             random.seed(seed)
 
 
+_runs_begun = 0  # in this process: a sweep's worker process trains one job after another
+
+
+def run_began(now: float) -> float | None:
+    """When the run starting `now` (time.perf_counter()) began: its process's start for the process's first run (the
+    command, imports included), else `now`. None where the process's start cannot be read."""
+    global _runs_begun
+    _runs_begun += 1
+    if _runs_begun > 1:
+        return now
+    age = process_age_s()
+    return None if age is None else now - age
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux: /proc), None where that cannot be read."""
     try:
@@ -91,12 +105,13 @@ class TrainThroughput(L.Callback):
 
     warmup_batches = 2  # the first batches include one-off set-up (allocation, compilation)
 
-    def __init__(self) -> None:
+    def __init__(self, began: float | None = None) -> None:
         self.images = 0
         self.seconds = 0.0
         self.between = 0.0
         self.seen = 0
-        self.first_step_s: float | None = None  # from the process's start to the first training batch
+        self.began = began  # time.perf_counter() when the run began
+        self.first_step_s: float | None = None  # from `began` to the first training batch
         self._start = 0.0
         self._end: float | None = None
 
@@ -108,8 +123,8 @@ class TrainThroughput(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
         self._start = time.perf_counter()
-        if self.first_step_s is None:
-            self.first_step_s = process_age_s()
+        if self.first_step_s is None and self.began is not None:
+            self.first_step_s = self._start - self.began
         if self._end is not None and self.seen > self.warmup_batches:
             self.between += self._start - self._end
 
