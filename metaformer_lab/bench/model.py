@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -169,16 +169,6 @@ def matmul_peak_gflop_s(device: torch.device, dtype: torch.dtype, seconds: float
     return rate(times, 1).images_per_s * 2 * size**3 / 1e9
 
 
-@contextlib.contextmanager
-def _deterministic_model_seed(seed: int) -> Iterator[None]:
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
-
-
 def bench_model(
     preset: str, overrides: dict[str, Any], image_size: int, batch_size: int, precision: str, channels_last: bool,
     compiled: bool, seconds: float, device: torch.device, min_rounds: int = 3,
@@ -186,7 +176,8 @@ def bench_model(
     """The numbers of the module docstring, as a JSON-ready dict."""
     if precision not in PRECISIONS:
         raise ConfigError("--precision", precision, ", ".join(PRECISIONS))
-    with _deterministic_model_seed(0):
+    with torch.random.fork_rng():  # the same model and batch every time, without touching the caller's stream
+        torch.manual_seed(0)
         model = create_model(preset, img_size=image_size, **overrides)
         images = torch.randn(batch_size, 3, image_size, image_size)
         labels = torch.randint(0, model.head.out_features if isinstance(model.head, nn.Linear) else 1, (batch_size,))
