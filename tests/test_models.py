@@ -161,6 +161,21 @@ def test_no_residual_and_no_mlp_change_the_block():
     torch.testing.assert_close(block(x), block.layer_scale_1[:, None, None] * block.token_mixer(block.norm1(x)))
 
 
+def test_without_residuals_layerscale_1e5_loses_the_input_to_underflow():
+    # why Table 5's "Residual connection -> None" is at chance (0.1%): each sub-block scales its branch by 1e-5 and
+    # the next norm divides by sqrt(var + eps) ~ sqrt(1e-5), a net factor of ~3e-3 per sub-block, until the signal
+    # underflows float32 and every image gives the same features. With LayerScale at 1 (the CPU proxy) it does not.
+    def features(layer_scale: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = MetaFormer([1, 1, 2, 1], [16, 32, 64, 128], residual=False, layer_scale_init_value=layer_scale,
+                           img_size=32, stem=(2, 2, 0), downsampling=(2, 2, 0), num_classes=10).eval()  # fmt: skip
+        with torch.no_grad():
+            return model.norm(model.forward_features(torch.randn(2, 3, 32, 32))).mean((-2, -1))
+
+    paper, proxy = features(1e-5), features(1.0)
+    assert torch.equal(paper[0], paper[1])  # the input is gone: both images give the same features
+    assert (proxy[0] - proxy[1]).abs().max() > 1e-2
+
 def test_per_stage_lists_and_position_embedding_before_first_attention_stage():
     model = MetaFormer(**TINY, mixer=["pooling", "identity", "attention", "attention"], pool_size=[3, 5, 3, 3])
     assert [s.mixer for s in model.stage_specs] == ["pooling", "identity", "attention", "attention"]
