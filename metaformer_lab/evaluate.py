@@ -5,8 +5,10 @@
     python -m metaformer_lab.evaluate poolformer_s12.pth.tar data.root=/data/imagenet data.num_workers=8
     python -m metaformer_lab.evaluate runs/default/checkpoints/best.ckpt
 
-CHECKPOINT is an official release file (a state dict: plain, or under `state_dict` or `model`; `module.` prefixes
-are dropped), a timm-layout one (`stages.N.blocks.M...`), or a run's `checkpoints/best.ckpt` or `last.ckpt`.
+CHECKPOINT is an official release file of PoolFormer or the MetaFormer Baselines (a state dict: plain, or under
+`state_dict` or `model`; `module.` prefixes are dropped), a timm-layout one (`stages.N.blocks.M...`: its models
+normalise after the global mean, so a timm PoolFormer v1 is built with head=layernorm), or a run's
+`checkpoints/best.ckpt` or `last.ckpt`.
 The model and data come from:
 - a run's checkpoint: its record (`<run_dir>/result.json`): the model and data the run was trained with;
 - any other file: the preset whose state-dict keys and shapes are the file's (a preset named in the file name breaks
@@ -43,7 +45,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from metaformer_lab.config import build_datamodule, build_model, register_resolvers, resolve_device
-from metaformer_lab.models import PRESETS, MetaFormer, convert_timm_checkpoint, create_model
+from metaformer_lab.models import PRESETS, MetaFormer, create_model
+from metaformer_lab.models.convert import Converted, convert_checkpoint
 from metaformer_lab.models.presets import EVAL_CROP_PCT
 from metaformer_lab.record import RECORD_NAME, read_record
 from metaformer_lab.registry import ConfigError
@@ -64,6 +67,8 @@ class Evaluation:
     checkpoint: str
     model: str  # the preset, or the run's model (e.g. `small`)
     found_by: str  # "record", "file name", "keys and shapes" or "model="
+    layout: str  # the file's: "official" (PoolFormer, as ours), "baselines" (sail-sg/metaformer) or "timm"
+    head: str  # the head the model was built with (models/heads.py): timm's layout fixes head=layernorm for v1
     run_dir: str | None  # the run a checkpoint of ours belongs to
     data: str  # the data module's name: shapes, imagefolder, imagenet
     root: str | None  # the image folder (None for generated data)
@@ -97,9 +102,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def official_state_dict(checkpoint: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a loaded file in the official layout: the state dict itself or the one under `state_dict` or
-    `model`, without `module.` (DataParallel) or `model.` (our LightningModule) prefixes, timm names converted."""
+def official_state_dict(checkpoint: dict[str, Any], path: Path) -> Converted:
+    """The weights of a loaded file in our layout: the state dict itself or the one under `state_dict` or `model`,
+    without `module.` (DataParallel) or `model.` (our LightningModule) prefixes, other layouts converted."""
     state = next((checkpoint[key] for key in ("state_dict", "model") if isinstance(checkpoint.get(key), dict)),
                  checkpoint)  # fmt: skip
     state = {key.removeprefix("module."): value for key, value in state.items()}
@@ -109,22 +114,23 @@ def official_state_dict(checkpoint: dict[str, Any], path: Path) -> dict[str, tor
         raise ConfigError("checkpoint", str(path), "no state dict in it (tensors by name, at the top level or under "
                           f"`state_dict` or `model`); its keys: {', '.join(list(checkpoint)[:8])}")  # fmt: skip
     try:
-        return convert_timm_checkpoint(state)
+        return convert_checkpoint(state)
     except ValueError as error:
         raise ConfigError("checkpoint", str(path), str(error)) from None
 
 
 def head_classes(state: dict[str, torch.Tensor], path: Path) -> int:
-    if "head.weight" not in state:
-        raise ConfigError("checkpoint", str(path), "no classifier head (head.weight) in its weights")
-    return state["head.weight"].shape[0]
+    last = next((state[key] for key in ("head.weight", "head.fc2.weight") if key in state), None)
+    if last is None:
+        raise ConfigError("checkpoint", str(path), "no classifier head (head.weight or head.fc2.weight) in its weights")
+    return last.shape[0]
 
 
 def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def preset_shapes(name: str, num_classes: int) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):  # shapes only: no memory, no initialization
         return shapes(create_model(name, num_classes=num_classes).state_dict())
@@ -210,7 +216,8 @@ def evaluate(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Evaluatio
     path = Path(checkpoint)
     settings = parse_overrides(overrides)
     preset = settings.pop("model", None)
-    state = official_state_dict(load_checkpoint(path), path)
+    converted = official_state_dict(load_checkpoint(path), path)
+    state = converted.state_dict
     num_classes = head_classes(state, path)
     run_dir = run_dir_of(path)
     record = read_record(run_dir) if run_dir is not None else None
@@ -224,7 +231,8 @@ def evaluate(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Evaluatio
             found_by = "model="
         else:
             preset, found_by = find_preset(state, path)
-        trained, model, name = preset_config(preset), create_model(preset, num_classes=num_classes), preset
+        model = create_model(preset, num_classes=num_classes, **converted.model_overrides)
+        trained, name = preset_config(preset), preset
         load_weights(model, state, "model", preset)
     cfg = apply_overrides(trained, settings)
     if model.size_bound and cfg.data.image_size != model.img_size:
@@ -252,7 +260,7 @@ def evaluate(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Evaluatio
     unreadable = sorted(datamodule.unreadable["val"])
     root_device = trainer.strategy.root_device
     return Evaluation(
-        checkpoint=str(path.resolve()), model=name, found_by=found_by,
+        checkpoint=str(path.resolve()), model=name, found_by=found_by, layout=converted.layout, head=model.head_kind,
         run_dir=str(run_dir.resolve()) if run_dir else None,
         data=cfg.data.name, root=root, image_size=datamodule.image_size, crop_pct=datamodule.crop_pct,
         num_classes=num_classes, images=len(datamodule.val) - len(unreadable), unreadable=len(unreadable),
@@ -281,8 +289,11 @@ def summary(result: Evaluation, out: Path) -> str:
         images += f" ({result.unreadable} unreadable skipped)"
     record = f" (record: {result.record_top1:.2%})" if result.record_top1 is not None else ""
     crop = f", crop {result.crop_pct:g}" if result.root is not None else ""  # generated images are made at size
+    source = result.found_by
+    if result.layout != "official":
+        source += f"; {result.layout} layout, head={result.head}"
     return (
-        f"{result.model} ({result.found_by}) on {result.data} val at {result.image_size} px{crop}: top-1 "
+        f"{result.model} ({source}) on {result.data} val at {result.image_size} px{crop}: top-1 "
         f"{result.top1:.2%}{record}, top-5 {result.top5:.2%} of {images}; {result.device}, precision "
         f"{result.precision}, {result.wall_time_s:.0f} s; wrote {shown_path(out)}"
     )

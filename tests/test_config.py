@@ -67,7 +67,7 @@ def test_the_default_config_builds():
     "override, key, words",
     [
         ("mixer.stages=[pooling,attention]", "mixer.stages", "4 entries"),
-        ("mixer.stages=[pooling,pooling,poolng,attention]", "mixer.stages", "attention, dwconv, identity, pooling"),
+        ("mixer.stages=[pooling,pooling,poolng,attention]", "mixer.stages", "attention_nobias, dwconv, identity"),
         ("mixer.pool_size=4", "mixer.pool_size", "odd"),
         ("optim.base_lr=-0.1", "optim.base_lr", "positive"),
         ("optim.global_batch=100", "optim.global_batch", "multiple of data.batch_size"),
@@ -126,9 +126,9 @@ def test_bad_overrides_fail_before_training_without_a_traceback(bad_override_run
 def test_help_explains_this_project(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0
-    for words in ("train one MetaFormer ablation", "result.json", "mixer: attention, dwconv, identity", "debug: quick",
-                  "trainer: auto, cpu, ddp, gpu", "trainer.max_steps", "mixer=[pooling,pooling,attention,attention]",
-                  "python -m metaformer_lab.analysis"):  # fmt: skip
+    for words in ("train one MetaFormer ablation", "result.json", "mixer: attention, attention_nobias, dwconv",
+                  "debug: quick", "trainer: auto, cpu, ddp, gpu", "trainer.max_steps",
+                  "mixer=[pooling,pooling,attention,attention]", "python -m metaformer_lab.analysis"):  # fmt: skip
         assert words in result.stdout, words
 
 

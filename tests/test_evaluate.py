@@ -13,7 +13,7 @@ from conftest import QUICK, ROOT, compose_config
 from metaformer_lab.data.jpeg_folder import write_jpeg_folder
 from metaformer_lab.evaluate import evaluate, find_preset, load_checkpoint, main, official_state_dict
 from metaformer_lab.models import PRESETS, create_model
-from metaformer_lab.models.convert import convert_timm_checkpoint, to_timm_checkpoint
+from metaformer_lab.models.convert import convert_checkpoint, to_timm_checkpoint
 from metaformer_lab.models.presets import EVAL_CROP_PCT
 from metaformer_lab.record import read_record
 from metaformer_lab.registry import ConfigError
@@ -92,15 +92,13 @@ def test_the_command_writes_json_next_to_the_run_and_prints_one_line(run_dir, ca
 
 
 def test_official_wrapped_and_timm_files_load_the_same_weights(official):
-    states = [official_state_dict(load_checkpoint(path), path) for path in official.values()]
-    model = create_model("poolformer_s12", num_classes=10).eval()
-    images = torch.randn(2, 3, 64, 64)
-    logits = []
-    for state in states:
-        model.load_state_dict(state)
-        with torch.no_grad():
-            logits.append(model(images))
-    assert all(torch.equal(logits[0], other) for other in logits[1:])
+    converted = [official_state_dict(load_checkpoint(path), path) for path in official.values()]
+    states = [c.state_dict for c in converted]
+    assert all(list(other) == list(states[0]) for other in states[1:])
+    assert all(torch.equal(other[key], states[0][key]) for other in states[1:] for key in states[0])
+    # the same weights, but timm's PoolFormer normalises after the global mean: its file fixes the head
+    sources = [(c.layout, c.model_overrides) for c in converted]
+    assert sources == [("official", {})] * 3 + [("timm", {"head": "layernorm"})]
     # identity and pooling mixers have no weights: the file name decides, else the user
     assert find_preset(states[0], official["plain"]) == ("poolformer_s12", "file name")
     assert find_preset(states[3], official["timm"]) == ("poolformer_s12", "file name")
@@ -125,11 +123,14 @@ def test_official_files_on_an_image_folder_give_one_result(official, jpegs, tmp_
     plain = json.loads((tmp_path / "evaluation-poolformer_s12.json").read_text())
     assert (plain["images"], plain["unreadable"], plain["crop_pct"], plain["image_size"]) == (20, 1, 0.9, 64)
     assert plain["root"] == str(jpegs.resolve()) and "val_corrupt_000.JPEG" in plain["unreadable_paths"][0]
-    for key in ("state_dict", "model", "timm"):
+    for key in ("state_dict", "model"):
         result = evaluate(official[key], [f"data.root={jpegs}", "model=poolformer_s12", *SMALL_JPEGS])
         assert result.found_by == "model=" and result.model == "poolformer_s12"
         assert (result.top1, result.top5, result.images, result.unreadable) == (
             plain["top1"], plain["top5"], 20, 1)  # fmt: skip
+    assert (plain["layout"], plain["head"]) == ("official", "v1")
+    assert main([str(official["timm"]), f"data.root={jpegs}", *SMALL_JPEGS]) == 0
+    assert "poolformer_s12 (file name; timm layout, head=layernorm) on imagefolder" in capsys.readouterr().out
 
 
 def test_bad_inputs_are_errors_that_name_the_key(official, jpegs, tmp_path):
@@ -170,7 +171,7 @@ def test_timm_layout_round_trips():
     state = create_model("poolformer_s24", num_classes=10).state_dict()
     timm = to_timm_checkpoint(state)
     assert "stages.1.downsample.conv.weight" in timm and "stages.3.blocks.3.layer_scale2.scale" in timm
-    back = convert_timm_checkpoint(timm)
+    back = convert_checkpoint(timm).state_dict
     assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 

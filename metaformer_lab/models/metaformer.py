@@ -15,10 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaformer_lab.models.activations import ACTIVATIONS
+from metaformer_lab.models.heads import HEADS
 from metaformer_lab.models.mixers import MIXERS
 from metaformer_lab.models.norms import NORMS
 from metaformer_lab.models.spec import StageSpec, per_stage
 from metaformer_lab.registry import ConfigError
+
+# the layers each `weight_init` gives trunc_normal(.02) weights and zero biases once the model is built: the official
+# PoolFormer's `cls_init_weights` takes every nn.Linear (head, attention, spatial FC; its channel MLP is initialised on
+# construction), the MetaFormer Baselines' `_init_weights` every convolution too
+WEIGHT_INITS: dict[str, tuple[type[nn.Module], ...]] = {
+    "poolformer": (nn.Linear,),
+    "trunc_normal": (nn.Linear, nn.Conv2d),
+}
 
 
 def trunc_normal_(tensor: torch.Tensor, std: float = 0.02, a: float = -2.0, b: float = 2.0) -> torch.Tensor:
@@ -48,14 +57,23 @@ class DropPath(nn.Module):
 
 class PatchEmbed(nn.Module):
     """Stem (the paper's: 7x7 stride 4) and downsampling (3x3 stride 2) convolution; default PyTorch init as the
-    official."""
+    official PoolFormer. The MetaFormer Baselines add a norm after the stem's convolution and before each
+    downsampling one (`post_norm`, `pre_norm`: a name in `NORMS`, or None for none)."""
 
-    def __init__(self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int) -> None:
+    def __init__(
+        self, in_chans: int, dim: int, kernel_size: int, stride: int, padding: int,
+        pre_norm: str | None = None, post_norm: str | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
+        self.pre_norm = NORMS.get(pre_norm, "downsampling_norm")(in_chans) if pre_norm else None
         self.proj = nn.Conv2d(in_chans, dim, kernel_size, stride, padding)
+        self.post_norm = NORMS.get(post_norm, "stem_norm")(dim) if post_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+        x = self.proj(x)
+        return x if self.post_norm is None else self.post_norm(x)
 
 
 class PositionEmbedding(nn.Module):
@@ -83,14 +101,15 @@ class Mlp(nn.Module):
     (forward and backward). On a channels_last input the permutes are free views.
     """
 
-    def __init__(self, dim: int, hidden: int, act: str) -> None:
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = True) -> None:
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.fc1 = nn.Conv2d(dim, hidden, 1, bias=bias)
         self.act = ACTIVATIONS.get(act)()
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fc2 = nn.Conv2d(hidden, dim, 1, bias=bias)
         for fc in (self.fc1, self.fc2):
             trunc_normal_(fc.weight)
-            nn.init.zeros_(fc.bias)
+            if bias:
+                nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C)
@@ -99,9 +118,11 @@ class Mlp(nn.Module):
 
 
 class MetaFormerBlock(nn.Module):
-    """`x = x + drop_path(ls1 * mixer(norm1(x)))`; `x = x + drop_path(ls2 * mlp(norm2(x)))`.
+    """`x = rs1 * x + drop_path(ls1 * mixer(norm1(x)))`; `x = rs2 * x + drop_path(ls2 * mlp(norm2(x)))`.
 
-    `residual=False` drops the `x +` of both sub-blocks; `mlp=False` removes mlp, norm2 and ls2 entirely.
+    LayerScale `ls` (PoolFormer) and ResScale `rs` (the MetaFormer Baselines' stages 3-4) are per-channel learnable
+    scales, each present only when its init value is set. `residual=False` drops the shortcut of both sub-blocks;
+    `mlp=False` removes mlp, norm2 and the scales of that sub-block entirely.
     """
 
     def __init__(self, spec: StageSpec, drop_path: float) -> None:
@@ -112,26 +133,37 @@ class MetaFormerBlock(nn.Module):
         self.norm2 = self.mlp = None
         if spec.mlp:
             self.norm2 = NORMS.get(spec.norm)(spec.dim)
-            self.mlp = Mlp(spec.dim, int(spec.dim * spec.mlp_ratio), spec.act)
+            self.mlp = Mlp(spec.dim, int(spec.dim * spec.mlp_ratio), spec.act, spec.mlp_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.layer_scale_1 = self.layer_scale_2 = None
-        if spec.layer_scale_init_value is not None:
-            self.layer_scale_1 = nn.Parameter(torch.full((spec.dim,), float(spec.layer_scale_init_value)))
-            if spec.mlp:
-                self.layer_scale_2 = nn.Parameter(torch.full((spec.dim,), float(spec.layer_scale_init_value)))
+        if spec.res_scale_init_value is not None and not spec.residual:
+            raise ConfigError("res_scale_init_value", spec.res_scale_init_value,
+                              "null in stages without residual connections (it scales the shortcut)")  # fmt: skip
+        self.layer_scale_1 = _scale(spec.dim, spec.layer_scale_init_value)
+        self.res_scale_1 = _scale(spec.dim, spec.res_scale_init_value)
+        self.layer_scale_2 = _scale(spec.dim, spec.layer_scale_init_value) if spec.mlp else None
+        self.res_scale_2 = _scale(spec.dim, spec.res_scale_init_value) if spec.mlp else None
 
-    def _branch(self, x: torch.Tensor, norm: nn.Module, fn: nn.Module, scale: torch.Tensor | None) -> torch.Tensor:
+    def _branch(
+        self, x: torch.Tensor, norm: nn.Module, fn: nn.Module, scale: torch.Tensor | None,
+        shortcut_scale: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
         y = fn(norm(x))
         if scale is not None:
             y = scale[:, None, None] * y
         y = self.drop_path(y)
-        return x + y if self.residual else y
+        if not self.residual:
+            return y
+        return (x if shortcut_scale is None else shortcut_scale[:, None, None] * x) + y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._branch(x, self.norm1, self.token_mixer, self.layer_scale_1)
+        x = self._branch(x, self.norm1, self.token_mixer, self.layer_scale_1, self.res_scale_1)
         if self.mlp is not None:
-            x = self._branch(x, self.norm2, self.mlp, self.layer_scale_2)
+            x = self._branch(x, self.norm2, self.mlp, self.layer_scale_2, self.res_scale_2)
         return x
+
+
+def _scale(dim: int, init: float | None) -> nn.Parameter | None:
+    return None if init is None else nn.Parameter(torch.full((dim,), float(init)))
 
 
 class MetaFormer(nn.Module):
@@ -140,17 +172,25 @@ class MetaFormer(nn.Module):
     Args:
         depths, dims: blocks and channels per stage.
         mixer: token mixer name per stage (see `MIXERS.names()`).
-        pool_size: pooling window of `pooling` stages (odd). kernel_size: kernel of `dwconv` stages (odd).
+        pool_size: pooling window of `pooling` stages (odd). kernel_size: kernel of `dwconv` and `sepconv` stages.
         head_dim: channels per head of `attention` stages.
         norm, act: normalization (`NORMS`) and MLP activation (`ACTIVATIONS`) names.
         residual, mlp: keep the residual connections / the channel MLP sub-block.
-        mlp_ratio: MLP hidden width over dim. layer_scale_init_value: LayerScale init, None for no LayerScale.
+        mlp_ratio: MLP hidden width over dim. mlp_bias: the MLP's layers have biases (PoolFormer) or not (Baselines).
+        layer_scale_init_value: LayerScale init, None for no LayerScale.
+        res_scale_init_value: ResScale init (a learnable scale on the shortcut), None for none.
         drop_path_rate: stochastic depth of the last block; rises linearly from 0 at the first block.
         position_embedding: add the learnable position embedding before the first attention stage.
         img_size: the input size that size-bound layers (random, spatial_fc, position embedding) are built for.
         stem, downsampling: (kernel, stride, padding) of the first convolution and of those between stages; the
             paper's are (7, 4, 2) and (3, 2, 1). A smaller footprint, e.g. (2, 2, 0) for both, leaves more of the
             spatial mixing to the token mixers (an ablation axis of its own: what the mixers add depends on it).
+        stem_norm, downsampling_norm: a norm after the stem's convolution / before each downsampling convolution
+            (`NORMS` names; the Baselines': layernorm_nobias), None for none (PoolFormer).
+        head: how the features become logits (`HEADS`: v1, layernorm, mlp); head_dropout: the mlp head's dropout.
+        weight_init: `poolformer` (trunc_normal(.02) for linear layers and the channel MLP, PyTorch's default for
+            the other convolutions, as the official PoolFormer) or `trunc_normal` (every convolution and linear
+            layer, as the MetaFormer Baselines).
     """
 
     def __init__(
@@ -167,7 +207,9 @@ class MetaFormer(nn.Module):
         residual: bool | Sequence[bool] = True,
         mlp: bool | Sequence[bool] = True,
         mlp_ratio: float | Sequence[float] = 4.0,
+        mlp_bias: bool | Sequence[bool] = True,
         layer_scale_init_value: float | None | Sequence[float | None] = 1e-5,
+        res_scale_init_value: float | None | Sequence[float | None] = None,
         drop_path_rate: float = 0.0,
         position_embedding: bool = True,
         num_classes: int = 1000,
@@ -175,6 +217,11 @@ class MetaFormer(nn.Module):
         img_size: int = 224,
         stem: Sequence[int] = (7, 4, 2),
         downsampling: Sequence[int] = (3, 2, 1),
+        stem_norm: str | None = None,
+        downsampling_norm: str | None = None,
+        head: str = "v1",
+        head_dropout: float = 0.0,
+        weight_init: str = "poolformer",
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -186,9 +233,12 @@ class MetaFormer(nn.Module):
             raise ConfigError("img_size", img_size, f"a positive multiple of {reduction} for {n} stages")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ConfigError("drop_path_rate", drop_path_rate, "a rate in [0, 1)")
+        if weight_init not in WEIGHT_INITS:
+            raise ConfigError("weight_init", weight_init, WEIGHT_INITS)
         axes = dict(
             mixer=mixer, pool_size=pool_size, kernel_size=kernel_size, head_dim=head_dim, norm=norm, act=act,
-            residual=residual, mlp=mlp, mlp_ratio=mlp_ratio, layer_scale_init_value=layer_scale_init_value,
+            residual=residual, mlp=mlp, mlp_ratio=mlp_ratio, mlp_bias=mlp_bias,
+            layer_scale_init_value=layer_scale_init_value, res_scale_init_value=res_scale_init_value,
         )  # fmt: skip
         per = {key: per_stage(key, value, n) for key, value in axes.items()}
         dims = per_stage("dims", dims, n)
@@ -205,7 +255,7 @@ class MetaFormer(nn.Module):
         self.img_size = img_size
         self.size_bound = any(MIXERS.get(s.mixer).size_bound for s in self.stage_specs)
 
-        self.patch_embed = PatchEmbed(in_chans, dims[0], *stem)
+        self.patch_embed = PatchEmbed(in_chans, dims[0], *stem, post_norm=stem_norm)
         total, done, pos_added = sum(depths), 0, not position_embedding
         network: list[nn.Module] = []
         for spec in self.stage_specs:
@@ -216,11 +266,17 @@ class MetaFormer(nn.Module):
             network.append(nn.Sequential(*(MetaFormerBlock(spec, rate) for rate in rates)))
             done += spec.depth
             if spec.index < n - 1:
-                network.append(PatchEmbed(spec.dim, dims[spec.index + 1], *downsampling))
+                network.append(PatchEmbed(spec.dim, dims[spec.index + 1], *downsampling, pre_norm=downsampling_norm))
         self.network = nn.ModuleList(network)
-        self.norm = NORMS.get(self.stage_specs[-1].norm)(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_linear)
+        self.head_kind = head
+        self.norm_before_mean = HEADS.get(head).norm_before_mean
+        self.norm, self.head = HEADS.get(head).build(dims[-1], num_classes, self.stage_specs[-1].norm, head_dropout)
+        initialised = WEIGHT_INITS[weight_init]
+        for module in self.modules():
+            if isinstance(module, initialised):
+                trunc_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.size_bound and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
@@ -235,7 +291,9 @@ class MetaFormer(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.forward_features(x)).mean((-2, -1)))
+        x = self.forward_features(x)
+        x = self.norm(x).mean((-2, -1)) if self.norm_before_mean else self.norm(x.mean((-2, -1)))
+        return self.head(x)
 
 
 def _conv_shape(key: str, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -251,9 +309,3 @@ def _conv_shape(key: str, shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(shape)
 
 
-def _init_linear(module: nn.Module) -> None:
-    # the official `cls_init_weights`: every nn.Linear (head, attention, spatial FC) gets trunc_normal(.02), bias 0
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

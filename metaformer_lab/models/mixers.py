@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaformer_lab.models.activations import ACTIVATIONS
 from metaformer_lab.models.spec import StageSpec
 from metaformer_lab.registry import ConfigError, Registry
 
@@ -95,11 +96,36 @@ class DepthwiseConvMixer(TokenMixer):
         return cls(spec.dim, spec.kernel_size)
 
 
+@MIXERS.register("sepconv")
+class SepConvMixer(TokenMixer):
+    """ConvFormer's inverted separable convolution (MobileNetV2): pointwise to 2x channels, StarReLU, depthwise
+    kxk (ConvFormer: 7x7), pointwise back; no biases. The pointwise layers are Linear, as the official code."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, expansion: int = 2) -> None:
+        super().__init__()
+        _check_odd("kernel_size", kernel_size)
+        hidden = expansion * dim
+        self.pwconv1 = nn.Linear(dim, hidden, bias=False)
+        self.act1 = ACTIVATIONS.get("starrelu")()
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=False)
+        self.pwconv2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.pwconv1(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return self.pwconv2(self.dwconv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    @classmethod
+    def from_spec(cls, spec: StageSpec) -> SepConvMixer:
+        return cls(spec.dim, spec.kernel_size)
+
+
 @MIXERS.register("attention")
 class AttentionMixer(TokenMixer):
     """Multi-head self-attention over all tokens (official hybrids: qkv without bias, proj with bias)."""
 
     needs_position_embedding = True
+
+    proj_bias = True
 
     def __init__(self, dim: int, head_dim: int = 32) -> None:
         super().__init__()
@@ -107,7 +133,7 @@ class AttentionMixer(TokenMixer):
             raise ConfigError("head_dim", head_dim, f"a positive divisor of the stage's {dim} channels")
         self.num_heads = dim // head_dim
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=self.proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -120,6 +146,15 @@ class AttentionMixer(TokenMixer):
     @classmethod
     def from_spec(cls, spec: StageSpec) -> AttentionMixer:
         return cls(spec.dim, spec.head_dim)
+
+
+@MIXERS.register("attention_nobias")
+class AttentionNoBiasMixer(AttentionMixer):
+    """CAFormer's attention: as `attention`, but the output projection has no bias and no position embedding is
+    added (the MetaFormer Baselines rely on their convolutional stages for position)."""
+
+    needs_position_embedding = False
+    proj_bias = False
 
 
 @MIXERS.register("spatial_fc")

@@ -2,7 +2,8 @@
 
 `macs_per_element` is what fvcore (the paper's MAC counter) charges for the official module, so that our counts
 match the paper's: 5 for GroupNorm, 2 for eval-mode affine BatchNorm, 0 for the official channel LayerNorm
-(written as elementwise ops, which fvcore skips) and for no norm.
+(written as elementwise ops, which fvcore skips) and for no norm. The MetaFormer Baselines' norms (no bias, eps
+1e-6) are charged 0: the MACs their README and paper.md give count convolutions and matrix products only.
 """
 
 from __future__ import annotations
@@ -58,3 +59,36 @@ class NoNorm(nn.Identity):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
+
+
+@NORMS.register("modified_layernorm_nobias")
+class ModifiedLayerNormNoBias(nn.Module):
+    """MetaFormer Baselines (IdentityFormer, RandFormer, PoolFormerV2): the modified LayerNorm without bias, eps 1e-6
+    (the official `LayerNormGeneral(normalized_dim=(1, 2, 3), bias=False)`)."""
+
+    macs_per_element = 0
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, 1, self.weight, None, self.eps)
+
+
+@NORMS.register("layernorm_nobias")
+class ChannelLayerNormNoBias(nn.Module):
+    """MetaFormer Baselines (ConvFormer, CAFormer, and every baseline's stem and downsampling): LayerNorm over
+    channels without bias, eps 1e-6 (the official `LayerNormWithoutBias`)."""
+
+    macs_per_element = 0
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, None, self.eps)
+        return x.permute(0, 3, 1, 2)

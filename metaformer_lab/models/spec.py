@@ -24,7 +24,9 @@ class StageSpec:
     residual: bool
     mlp: bool
     mlp_ratio: float
+    mlp_bias: bool
     layer_scale_init_value: float | None
+    res_scale_init_value: float | None  # ResScale: a learnable per-channel scale on the shortcut
 
 
 def per_stage(key: str, value: Any, num_stages: int) -> list[Any]:
