@@ -225,6 +225,20 @@ def test_main_table_deltas_are_vs_s12(runs):
     assert table.loc[0, DELTA_HERE] == "baseline"
 
 
+def test_baselines_table_is_the_follow_up_papers_with_our_runs(tmp_path):
+    for seed, (identity, caformer) in enumerate([(0.70, 0.80), (0.72, 0.84)]):
+        fake_run(tmp_path, "baselines_identityformer_s12", seed, identity, model="identityformer_s12")
+        fake_run(tmp_path, "baselines_caformer_s18", seed, caformer, model="caformer_s18")
+    fake_run(tmp_path, "baselines_caformer_s18", 2, 0.9, model="caformer_s18", mixer="pooling")  # another ablation
+    table = paper_table(collect_runs(tmp_path), "baselines").set_index("Variant")
+    assert len(table) == 23 and list(table.index[[0, -1]]) == ["IdentityFormer-S12", "CAFormer-B36"]
+    caformer = table.loc["CAFormer-S18"]
+    assert (caformer["Top-1 paper (%)"], caformer[TOP1_HERE]) == ("83.6", "82.0 ± 2.8 (n=2)")
+    assert caformer[DELTA_HERE].startswith("+11.0 [") and caformer["Δ vs baseline in the paper"] == "+9.0"
+    assert table.loc["IdentityFormer-S12", DELTA_HERE] == "baseline"
+    assert any("mixer=pooling" in note for note in table.attrs["notes"])
+
+
 def test_an_experiment_with_two_configurations_in_one_protocol_shows_the_most_seeds_and_says_so(tmp_path):
     fake_run(tmp_path, "t5_identity", 0, 0.30)
     for seed in (0, 1):  # another learning rate: the same protocol, another configuration

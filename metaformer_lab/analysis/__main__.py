@@ -14,7 +14,7 @@ import pandas as pd
 
 from metaformer_lab.analysis.collect import collect_runs, duplicate_runs, problem_runs
 from metaformer_lab.analysis.plots import plot_accuracy_vs_macs, plot_deltas, save_figure
-from metaformer_lab.analysis.tables import axis_table, paper_table, to_csv, to_latex, to_markdown
+from metaformer_lab.analysis.tables import TABLES, axis_table, paper_table, to_csv, to_latex, to_markdown
 from metaformer_lab.analysis.wandb_runs import collect_wandb
 
 RENDER = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}
@@ -24,7 +24,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     description = "The paper's table with our runs beside it, from run records (result.json)."
     parser = argparse.ArgumentParser(prog="python -m metaformer_lab.analysis", description=description)
     parser.add_argument("dirs", nargs="*", metavar="DIR", help="directories searched for result.json (default: runs)")
-    parser.add_argument("--table", choices=["table5", "main", "axes"], default="table5",
+    parser.add_argument("--table", choices=[*TABLES, "axes"], default="table5",
                         help="a paper table, or `axes`: one row per configuration of any sweep")  # fmt: skip
     parser.add_argument("--axis", help="with --table axes: the axes to show, comma-separated (default: those varying)")
     parser.add_argument("--format", choices=list(RENDER), default="markdown", help="what is printed")

@@ -20,7 +20,7 @@ import pandas as pd
 from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds, completed_runs, protocol_label
 from metaformer_lab.analysis.stats import paired_difference, spearman
 
-TABLES = ("table5", "main")
+TABLES = ("table5", "main", "baselines")
 DASH = "—"  # no result here (yet)
 # what a paper row trained, as the record names it (paper_results.csv has a column each): a run of the row's
 # experiment with other values (`experiment=t5_identity mixer=pooling`) trained another ablation
@@ -38,7 +38,7 @@ def _paper_csv() -> pd.DataFrame:
 
 
 def paper_results(table: str = "table5") -> pd.DataFrame:
-    """The paper's rows of `table` ("table5" or "main"), in the paper's order, as shipped in paper_results.csv."""
+    """The paper's rows of `table` (TABLES), in the paper's order, as shipped in paper_results.csv."""
     if table not in TABLES:
         raise ValueError(f"table={table!r}: valid: {', '.join(TABLES)}")
     paper = _paper_csv()

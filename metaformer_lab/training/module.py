@@ -1,4 +1,5 @@
-"""The LightningModule: soft-target loss, AdamW with the paper's weight-decay filter, warmup + cosine, metrics."""
+"""The LightningModule: soft-target loss, AdamW or LAMB with the paper's weight-decay filter, warmup + cosine,
+metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from metaformer_lab.registry import ConfigError
+from metaformer_lab.training.lamb import Lamb
 from metaformer_lab.training.mixing import mix_batch
 
 
@@ -20,10 +22,15 @@ class DivergedError(RuntimeError):
     """The loss became NaN or inf; the run stops and its record says `diverged`."""
 
 
+# AdamW (PoolFormer, and the Baselines but CAFormer) and LAMB (CAFormer: timm's Lamb, training/lamb.py)
+OPTIMIZERS = ("adamw", "lamb")
+
+
 @dataclass(frozen=True)
 class OptimSettings:
     """`optim` of the config. Ranges are checked here, before any training starts."""
 
+    optimizer: str  # a key of OPTIMIZERS
     base_lr: float
     global_batch: int
     weight_decay: float
@@ -42,8 +49,11 @@ class OptimSettings:
     grad_clip: float | None
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError("optim.optimizer", self.optimizer, OPTIMIZERS)
         for name, value in vars(self).items():
-            if name not in ("betas", "grad_clip") and (isinstance(value, bool) or not isinstance(value, int | float)):
+            numeric = name not in ("optimizer", "betas", "grad_clip")
+            if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ConfigError(f"optim.{name}", value, "a number")
         if len(self.betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas):
             raise ConfigError("optim.betas", list(self.betas), "two numbers in [0, 1), e.g. [0.9, 0.999]")
@@ -83,7 +93,7 @@ class OptimSettings:
         if self.warmup < self.warmup_epochs:
             warmup += f" (optim.warmup_epochs={self.warmup_epochs:g} would take all of optim.epochs={self.epochs})"
         decay = f"cosine from lr {self.lr:.3g} to {self.min_lr:g}" if self.min_lr < self.lr else f"lr {self.lr:.3g}"
-        text = f"{self.epochs} ep {decay}, {warmup}"
+        text = f"{self.optimizer}, {self.epochs} ep {decay}, {warmup}"
         if self.cooldown_epochs:
             text += (f", then {self.cooldown_epochs} cooldown ep at min_lr = {self.total_epochs} ep "
                      "(optim.cooldown_epochs=0 drops them)")  # fmt: skip
@@ -174,12 +184,14 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         o = self.optim
-        # fused: one kernel for all parameters (on CPU 8x faster than the default per-tensor loop, a sixth of a small
-        # model's step). A fused AdamW unscales 16-mixed gradients itself, so Lightning could not clip them first.
-        fused = not (o.grad_clip and str(self.trainer.precision).startswith("16"))
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused
-        )
+        groups = parameter_groups(self.model, o.weight_decay)
+        if o.optimizer == "lamb":
+            optimizer = Lamb(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        else:
+            # fused: one kernel for all parameters (on CPU 8x faster than the default per-tensor loop, a sixth of a
+            # small model's step). A fused AdamW unscales 16-mixed gradients itself: Lightning could not clip them.
+            fused = not (o.grad_clip and str(self.trainer.precision).startswith("16"))
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         # the whole schedule (warmup, cosine, cooldown) over the optimizer steps this run will take: per epoch as
         # usual, and fitted into them when the run is shortened (trainer.max_steps, limit_train_batches)
         epochs_per_step = o.total_epochs / max(1, self.trainer.estimated_stepping_batches)
