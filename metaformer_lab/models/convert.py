@@ -51,10 +51,11 @@ def convert_checkpoint(state_dict: dict[str, torch.Tensor]) -> Converted:
 def _renamed(
     state_dict: dict[str, torch.Tensor], rename: Callable[[str], str | None], source: str
 ) -> dict[str, torch.Tensor]:
-    unknown = [key for key in state_dict if rename(key) is None]
+    names = {key: rename(key) for key in state_dict}
+    unknown = [key for key, name in names.items() if name is None]
     if unknown:
         raise ValueError(f"no counterpart here for these keys of {source}: {', '.join(unknown[:8])}")
-    return {rename(key): _our_shape(rename(key), value) for key, value in state_dict.items()}
+    return {names[key]: _our_shape(names[key], value) for key, value in state_dict.items()}
 
 
 def _our_shape(key: str, value: torch.Tensor) -> torch.Tensor:

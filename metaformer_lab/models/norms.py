@@ -23,8 +23,8 @@ class ModifiedLayerNorm(nn.GroupNorm):
 
     macs_per_element = 5
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(1, dim)
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__(1, dim, eps=eps)
 
 
 @NORMS.register("layernorm")
@@ -62,33 +62,22 @@ class NoNorm(nn.Identity):
 
 
 @NORMS.register("modified_layernorm_nobias")
-class ModifiedLayerNormNoBias(nn.Module):
+class ModifiedLayerNormNoBias(ModifiedLayerNorm):
     """MetaFormer Baselines (IdentityFormer, RandFormer, PoolFormerV2): the modified LayerNorm without bias, eps 1e-6
     (the official `LayerNormGeneral(normalized_dim=(1, 2, 3), bias=False)`)."""
 
     macs_per_element = 0
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, 1, self.weight, None, self.eps)
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, eps=1e-6)
+        self.bias = None  # GroupNorm's forward takes None for no bias
 
 
 @NORMS.register("layernorm_nobias")
-class ChannelLayerNormNoBias(nn.Module):
+class ChannelLayerNormNoBias(ChannelLayerNorm):
     """MetaFormer Baselines (ConvFormer, CAFormer, and every baseline's stem and downsampling): LayerNorm over
     channels without bias, eps 1e-6 (the official `LayerNormWithoutBias`)."""
 
-    macs_per_element = 0
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, None, self.eps)
-        return x.permute(0, 3, 1, 2)
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, eps=1e-6)
+        self.bias = None

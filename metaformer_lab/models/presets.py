@@ -123,7 +123,8 @@ EVAL_CROP_PCT = {
     "metaformer_id_s12": 0.9, "metaformer_pppa_s12_224": 0.95, "metaformer_ppaa_s12_224": 0.95,
     "metaformer_pppf_s12_224": 0.9, "metaformer_ppff_s12_224": 0.95,
     # sail-sg/metaformer's `_cfg`: every Baselines model is evaluated at crop_pct 1.0
-    **{name: 1.0 for family in (*V2_MIXERS, *CONV_MIXERS) for name in PRESETS.names() if name.startswith(f"{family}_")},
+    **{f"{family}_{size}": 1.0 for family in V2_MIXERS for size in V2_SIZES},
+    **{f"{family}_{size}": 1.0 for family in CONV_MIXERS for size in CONV_SIZES},
 }  # fmt: skip
 
 MODEL_ARGUMENTS = tuple(inspect.signature(MetaFormer).parameters)
