@@ -1,8 +1,10 @@
 """Analysis on fake run records, no training: collect, aggregate, paper tables, renderings, plots, CLI, notebooks."""
 
 import asyncio
+import inspect
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,15 +31,18 @@ from metaformer_lab.analysis import (
     plot_accuracy_vs_macs,
     plot_deltas,
     problem_runs,
+    report_notes,
     save_figure,
     to_csv,
     to_latex,
     to_markdown,
 )
 from metaformer_lab.analysis.__main__ import main
-from metaformer_lab.analysis.plots import label_extents
+from metaformer_lab.analysis.collect import MIXER_ARGUMENTS
+from metaformer_lab.analysis.plots import label_extents, point_labels
 from metaformer_lab.analysis.tables import PAPER_COLUMNS, ROW_AXES, here_columns
 from metaformer_lab.config import build_model, run_axes
+from metaformer_lab.models.mixers import MIXERS
 from metaformer_lab.record import RunRecord, write_record
 
 ROOT = Path(__file__).parents[1]
@@ -353,11 +358,23 @@ def test_axis_table_with_two_protocols_has_a_protocol_column(tmp_path):
 
 
 def test_plots_save_png_and_pdf(runs, tmp_path):
-    for name, fig in (("deltas", plot_deltas(paper_table(runs))), ("macs", plot_accuracy_vs_macs(runs)),
-                      ("empty", plot_deltas(compare_to_paper(collect_runs()))),
-                      ("empty_macs", plot_accuracy_vs_macs(collect_runs()))):  # fmt: skip
+    for name, fig in (("deltas", plot_deltas(paper_table(runs))), ("macs", plot_accuracy_vs_macs(runs))):
         png, pdf = save_figure(fig, tmp_path / "plots" / name)
         assert png.read_bytes()[:4] == b"\x89PNG" and pdf.read_bytes()[:4] == b"%PDF"
+
+
+def test_a_plot_with_nothing_to_show_is_none_and_the_notes_say_why(tmp_path):
+    nothing = collect_runs()
+    assert plot_deltas(compare_to_paper(nothing)) is None and plot_accuracy_vs_macs(nothing) is None
+    assert report_notes(nothing, paper_table(nothing)) == ["no completed run yet: nothing to plot"]
+    fake_run(tmp_path, "t5_identity", 0, 0.6, macs=None)  # a row without its baseline, and no MACs recorded
+    runs = collect_runs(tmp_path)
+    table = paper_table(runs)
+    assert plot_deltas(table) is None and plot_accuracy_vs_macs(runs) is None
+    assert report_notes(runs, table) == [
+        "no Δ to plot: no row has completed runs of a protocol in which the baseline (t5_baseline) has some",
+        "no completed run records its MACs: no plot of accuracy against compute",
+    ]  # fmt: skip
 
 
 def _assert_readable(fig) -> None:
@@ -479,6 +496,29 @@ def test_cli_writes_the_table_and_its_files(runs_root, tmp_path, capsys):
     assert len(pd.read_csv(io.StringIO(capsys.readouterr().out))) == 5
 
 
+def test_cli_writes_no_plot_with_nothing_to_show_and_says_so(tmp_path, capsys):
+    sweep, out = tmp_path / "sweep", tmp_path / "out"
+    for mixer in ("pooling", "identity"):  # a sweep of no paper row: no Δ to plot
+        fake_run(sweep, None, 0, 0.5, mixer=mixer)
+    out.mkdir()
+    (out / "deltas.png").write_bytes(b"an earlier call's plot")
+    assert main([str(sweep), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert {"accuracy_vs_macs.png", "accuracy_vs_macs.pdf"} <= {p.name for p in out.iterdir()}
+    assert not (out / "deltas.png").exists() and not (out / "deltas.pdf").exists()
+    assert "note: no completed run has the experiment of a row of this table, so no Δ to plot; for other sweeps use " \
+           "--table axes" in err  # fmt: skip
+    assert "not written, nothing to plot (see the notes): deltas.png, deltas.pdf\n" in err
+
+    failed = tmp_path / "failed"  # no completed run: no plot at all
+    fake_run(failed, "t5_baseline", 0, status="failed", error="RuntimeError: out of memory")
+    assert main([str(failed), "--table", "axes", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: no completed run yet: nothing to plot" in err
+    assert "not written, nothing to plot (see the notes): accuracy_vs_macs.png, accuracy_vs_macs.pdf\n" in err
+    assert not [p for p in out.iterdir() if p.suffix in (".png", ".pdf")]
+
+
 def test_cli_with_no_runs_prints_the_paper(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "metaformer_lab.analysis", str(tmp_path / "none"), "--format", "latex"],
@@ -533,21 +573,32 @@ def test_notebooks_are_stored_without_outputs(path):
     assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)
 
 
-def test_notebooks_run_headless_on_a_runs_directory(runs_root, monkeypatch):
-    monkeypatch.setenv("METAFORMER_RUNS", str(runs_root))  # the kernels inherit the environment
+def test_notebooks_run_headless_and_show_the_commands_notes(runs_root, tmp_path):
+    """Table 5 on runs of its rows; the main table on a sweep of none of its rows, which has nothing to compare."""
+    sweep = tmp_path / "sweep"
+    for mixer in ("pooling", "identity"):
+        fake_run(sweep, None, 0, 0.5, mixer=mixer)
+    roots, tables = [runs_root, sweep], ["table5", "main"]
     notebooks = [nbformat.read(path, as_version=4) for path in NOTEBOOKS]
 
     async def run_all():  # both kernels at once: their start-up is most of the time
         where = {"metadata": {"path": str(ROOT / "analysis")}}  # the cwd of a notebook opened in Jupyter
         clients = [NotebookClient(nb, timeout=120, kernel_name="python3", resources=where) for nb in notebooks]
-        await asyncio.gather(*(client.async_execute() for client in clients))
+        await asyncio.gather(*(client.async_execute(env={**os.environ, "METAFORMER_RUNS": str(root)})
+                               for client, root in zip(clients, roots, strict=True)))  # fmt: skip
 
     asyncio.run(run_all())
-    for nb in notebooks:
+    for nb, root, table in zip(notebooks, roots, tables, strict=True):
         text = json.dumps([cell.get("outputs", []) for cell in nb.cells])
         assert "run records under" in text and "image/png" in text
+        runs = collect_runs(root)
+        printed = [line for output in nb.cells[2].outputs if output.get("name") == "stdout"
+                   for line in output.text.splitlines()]  # fmt: skip
+        assert printed == [f"note: {note}" for note in report_notes(runs, paper_table(runs, table))]
     assert "Identity mapping" in json.dumps(notebooks[0].cells[2].outputs)
     assert "PoolFormer-S24" in json.dumps(notebooks[1].cells[2].outputs)
+    assert "no completed run has the experiment of a row of this table" in json.dumps(notebooks[1].cells[2].outputs)
+    assert not notebooks[1].cells[6].outputs  # no Δ: no plot
 
 
 def test_axes_that_vary_by_stage_are_kept_as_strings(tmp_path):
@@ -572,3 +623,33 @@ def test_a_point_is_named_after_its_experiment_only_if_it_trained_that_row(tmp_p
     agg = aggregate_seeds(collect_runs(tmp_path))
     labels = dict(zip(agg["top1_mean_pct"].round(), point_labels(agg), strict=True))
     assert labels[60] == "identity" and labels[70] == "pooling" and labels[50] == "dwconv"
+
+
+def test_mixer_arguments_are_those_the_mixer_classes_take():
+    taken = {
+        argument: {name for name in MIXERS.names() if argument in inspect.signature(MIXERS.get(name)).parameters}
+        for argument in MIXER_ARGUMENTS
+    }  # fmt: skip
+    assert taken == {argument: set(mixers) for argument, mixers in MIXER_ARGUMENTS.items()}
+
+
+def test_a_mixers_argument_is_blank_where_no_stage_takes_it(tmp_path):
+    configurations = [("pooling", 3, 3, 32), ("pooling", 5, 3, 32), ("identity", 5, 3, 32), ("dwconv", 3, 5, 32),
+                      ("sepconv", 3, 7, 32), ("pooling,pooling,attention,attention", 3, 3, 64)]  # fmt: skip
+    for k, (mixer, pool_size, kernel_size, head_dim) in enumerate(configurations):
+        arguments = dict(pool_size=pool_size, kernel_size=kernel_size, head_dim=head_dim)
+        write_record(tmp_path / str(k), RunRecord(status="completed", mixer=mixer, pool_size=pool_size, seed=0,
+                                                  best_val_top1=0.5 + k / 100, best_val_top5=0.9, macs=10**9,
+                                                  config={"mixer": {"name": mixer, **arguments}}))  # fmt: skip
+    runs = collect_runs(tmp_path)
+    # head_dim 64 of the one attention model against 32 of models without attention: it does not vary
+    assert [c for c in axis_table(runs).columns if c.islower()] == ["mixer", "pool_size", "kernel_size"]
+    axes = ["mixer", "pool_size", "kernel_size", "head_dim"]
+    assert sorted(map(tuple, axis_table(runs, axes)[axes].to_numpy())) == [
+        ("dwconv", "", "5", ""), ("identity", "", "", ""), ("pooling", "3", "", ""), ("pooling", "5", "", ""),
+        ("pooling,pooling,attention,attention", "3", "", "64"), ("sepconv", "", "7", ""),
+    ]  # fmt: skip
+    assert "identity" in point_labels(aggregate_seeds(runs))  # not "identity, pool_size=5, kernel_size=3, ..."
+    # an identity model's pool_size differs from the pooling one's, but means nothing: the axis does not vary
+    pooling_or_identity = runs[runs["mixer"].eq("identity") | (runs["mixer"].eq("pooling") & runs["pool_size"].eq(3))]
+    assert [c for c in axis_table(pooling_or_identity).columns if c.islower()] == ["mixer"]

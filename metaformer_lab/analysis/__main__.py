@@ -14,7 +14,15 @@ import pandas as pd
 
 from metaformer_lab.analysis.collect import collect_runs, duplicate_runs, problem_runs
 from metaformer_lab.analysis.plots import plot_accuracy_vs_macs, plot_deltas, save_figure
-from metaformer_lab.analysis.tables import TABLES, axis_table, paper_table, to_csv, to_latex, to_markdown
+from metaformer_lab.analysis.tables import (
+    TABLES,
+    axis_table,
+    paper_table,
+    report_notes,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
 from metaformer_lab.analysis.wandb_runs import collect_wandb
 
 RENDER = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}
@@ -65,10 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(RENDER[args.format](table), end="" if args.format == "csv" else "\n")
 
     print(f"\n{len(df)} run records; {int((df['status'] == 'completed').sum())} completed", file=sys.stderr)
-    if args.table != "axes" and len(df) and table.attrs["comparison"]["n"].sum() == 0:
-        print("note: no completed run has the experiment of a row of this table; for other sweeps use --table axes",
-              file=sys.stderr)  # fmt: skip
-    for note in table.attrs.get("notes", []):
+    for note in report_notes(df, table):
         print(f"note: {note}", file=sys.stderr)
     problems, duplicates = problem_runs(df), duplicate_runs(df)
     if len(problems):
@@ -77,12 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report("Duplicates: one configuration and seed recorded more than once (counted once)", duplicates)
 
     if args.out is not None:
-        written = _write(args.out, df, table)
+        written, unplotted = _write(args.out, df, table)
         print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+        if unplotted:
+            print(f"not written, nothing to plot (see the notes): {', '.join(unplotted)}", file=sys.stderr)
     return 0
 
 
-def _write(out: Path, df: pd.DataFrame, table: pd.DataFrame) -> list[Path]:
+def _write(out: Path, df: pd.DataFrame, table: pd.DataFrame) -> tuple[list[Path], list[str]]:
+    """The table's files and plots in `out`: (paths written, names of the plots with nothing to show)."""
     out.mkdir(parents=True, exist_ok=True)
     texts = {"table.md": to_markdown(table), "table.tex": to_latex(table), "table.csv": to_csv(table),
              "runs.csv": to_csv(df)}  # fmt: skip
@@ -92,10 +100,17 @@ def _write(out: Path, df: pd.DataFrame, table: pd.DataFrame) -> list[Path]:
     for name, text in texts.items():
         (out / name).write_text(text if text.endswith("\n") else text + "\n")
         written.append(out / name)
-    if "comparison" in table.attrs:
-        written += save_figure(plot_deltas(table), out / "deltas")
-    written += save_figure(plot_accuracy_vs_macs(df), out / "accuracy_vs_macs")
-    return written
+    figures = {"deltas": plot_deltas(table)} if "comparison" in table.attrs else {}
+    figures["accuracy_vs_macs"] = plot_accuracy_vs_macs(df)
+    unplotted = []
+    for name, fig in figures.items():
+        if fig is not None:
+            written += save_figure(fig, out / name)
+            continue
+        for path in (out / f"{name}.png", out / f"{name}.pdf"):
+            path.unlink(missing_ok=True)  # a plot of an earlier call would read as this one's
+            unplotted.append(path.name)
+    return written, unplotted
 
 
 if __name__ == "__main__":

@@ -22,15 +22,26 @@ RUN_SPECIFIC_KEYS = ("seed", *NON_RESULT_KEYS, "data.root")
 # `config` (the whole resolved Hydra config) and `versions` are nested dicts: they would make runs.csv unreadable,
 # so they are left out; `config_key` stands for the config, and `collect_runs(..., config=True)` flattens it.
 _NESTED = ("config", "versions")
-_PER_STAGE = {"pool_size": "Int64", "residual": "boolean", "mlp": "boolean"}
+# the mixers' arguments, and the mixers that take each (the classes of models/mixers.py; a test keeps this twin
+# true): in a run whose stages have none of them, the value was never used. pool_size is a record axis; kernel_size
+# and head_dim are read from the run's resolved config (`mixer.kernel_size`, `mixer.head_dim`).
+MIXER_ARGUMENTS = {
+    "pool_size": ("pooling",), "kernel_size": ("dwconv", "sepconv"), "head_dim": ("attention", "attention_nobias"),
+}  # fmt: skip
+_FROM_CONFIG = ("kernel_size", "head_dim")
+# the axes of a configuration, as tables group and show them: the record's, the mixer's arguments after the mixer
+TABLE_AXES = tuple(dict.fromkeys(["model", "mixer", *MIXER_ARGUMENTS, *CONFIG_AXES]))
+_PER_STAGE = {"pool_size": "Int64", "kernel_size": "Int64", "head_dim": "Int64", "residual": "boolean",
+              "mlp": "boolean"}  # fmt: skip
 _INTS = ("seed", "image_size", "train_images", "params", "frozen_params", "macs", "epochs", "steps", "global_batch",
          "world_size")  # fmt: skip
 _FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "lr", "wall_time_s")
 COLUMNS = (
-    "status", "error", *AXES, "mixer_stages", "schedule", "train_images", "protocol", "params", "frozen_params", "macs",
-    "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs", "steps", "global_batch", "lr",
-    "wall_time_s", "train_throughput_img_s", "accelerator", "device_name", "precision", "world_size", "started_at",
-    "finished_at", "git_commit", "wandb_id", "schema_version", "name", "run_dir", "config_key", "duplicate",
+    "status", "error", *AXES, *_FROM_CONFIG, "mixer_stages", "schedule", "train_images", "protocol", "params",
+    "frozen_params", "macs", "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs", "steps",
+    "global_batch", "lr", "wall_time_s", "train_throughput_img_s", "accelerator", "device_name", "precision",
+    "world_size", "started_at", "finished_at", "git_commit", "wandb_id", "schema_version", "name", "run_dir",
+    "config_key", "duplicate",
 )  # fmt: skip
 
 # a run's protocol: what its accuracy depends on besides the ablation axes. Runs of two protocols are never compared
@@ -64,10 +75,29 @@ def record_row(record: RunRecord, run_dir: str, config: bool = False) -> dict[st
     """One DataFrame row from a record; `run_dir` is where the record was found (its own field may be stale)."""
     row = {key: value for key, value in asdict(record).items() if key not in _NESTED}
     row["mixer_stages"] = ",".join(record.mixer_stages)
+    mixer = record.config.get("mixer")
+    row.update({key: _stage_values(mixer.get(key)) if isinstance(mixer, dict) else None for key in _FROM_CONFIG})
     row.update(run_dir=run_dir, name=Path(run_dir).name, config_key=config_key(record.config, row))
     if config:
         row.update({f"config.{key}": value for key, value in _flatten(record.config).items()})
     return row
+
+
+def _stage_values(value: Any) -> Any:
+    """A config value as the record's per-stage axes hold it: one value, or "a,b,c,d" where the stages differ."""
+    if not isinstance(value, list):
+        return value
+    return value[0] if len(set(map(str, value))) == 1 else ",".join(str(v).lower() for v in value)
+
+
+def axis_applies(frame: pd.DataFrame, axis: str) -> pd.Series:
+    """Per row of `frame` (runs or configurations): does its value of `axis` mean anything? A mixer's argument
+    (MIXER_ARGUMENTS) only where some stage's mixer takes it (an identity model's pool_size does not); any other
+    axis, and any row whose mixer is not recorded, yes."""
+    users = MIXER_ARGUMENTS.get(axis)
+    if users is None:
+        return pd.Series(True, index=frame.index)
+    return frame["mixer"].map(lambda mixer: not _known(mixer) or any(m in users for m in str(mixer).split(",")))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -151,7 +181,7 @@ def collect_runs(*dirs: str | Path, config: bool = False) -> pd.DataFrame:
             rows.append(dict(status="unreadable", error=f"{type(error).__name__}: {error}", run_dir=run_dir,
                              name=path.parent.name))  # fmt: skip
     df = runs_frame(rows)
-    order = ["experiment", *CONFIG_AXES[:-1], "config_key", "seed", "run_dir"]
+    order = ["experiment", *TABLE_AXES[:-1], "config_key", "seed", "run_dir"]
     return df.sort_values(order, na_position="last", kind="stable", ignore_index=True)
 
 
@@ -167,7 +197,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     """Completed runs grouped by configuration (`config_key`): mean, std (over seeds) and n of best val top-1/top-5.
 
     Accuracies are in percent here (records store fractions). A seed recorded twice counts once: the copy that
-    finished last. Columns: config_key, the axes but seed, schedule, train_images, protocol, name, seeds, n,
+    finished last. Columns: config_key, the axes (TABLE_AXES), schedule, train_images, protocol, name, seeds, n,
     top1/top5 mean and std, params, frozen_params, macs, epochs.
     """
     done = completed_runs(df)
@@ -176,7 +206,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
         first = runs.iloc[0]
         top1, top5 = runs["best_val_top1"] * 100, runs["best_val_top5"] * 100
         rows.append({
-            "config_key": key, **{axis: first[axis] for axis in CONFIG_AXES},
+            "config_key": key, **{axis: first[axis] for axis in TABLE_AXES},
             "schedule": first["schedule"], "train_images": first["train_images"], "protocol": first["protocol"],
             "name": _without_seed(first["name"]), "seeds": ",".join(str(s) for s in sorted(runs["seed"])),
             "n": len(runs), "top1_mean_pct": top1.mean(), "top1_std_pct": top1.std(),  # std: ddof=1, NaN for n=1
@@ -184,11 +214,11 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
             "params": first["params"], "frozen_params": first["frozen_params"], "macs": first["macs"],
             "epochs": runs["epochs"].max(),
         })  # fmt: skip
-    columns = ["config_key", *CONFIG_AXES, "schedule", "train_images", "protocol", "name", "seeds", "n",
+    columns = ["config_key", *TABLE_AXES, "schedule", "train_images", "protocol", "name", "seeds", "n",
                "top1_mean_pct", "top1_std_pct", "top5_mean_pct", "top5_std_pct", "params", "frozen_params", "macs",
                "epochs"]  # fmt: skip
     agg = pd.DataFrame(rows, columns=columns)
-    return agg.sort_values(["experiment", *CONFIG_AXES[:-1]], na_position="last", kind="stable", ignore_index=True)
+    return agg.sort_values(["experiment", *TABLE_AXES[:-1]], na_position="last", kind="stable", ignore_index=True)
 
 
 def _without_seed(name: str) -> str:

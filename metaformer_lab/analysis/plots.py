@@ -22,12 +22,12 @@ from matplotlib.figure import Figure
 from matplotlib.text import Annotation, Text
 from matplotlib.ticker import FuncFormatter
 
-from metaformer_lab.analysis.collect import aggregate_seeds, protocol_label
-from metaformer_lab.analysis.tables import protocol_blocks, trained_their_rows
+from metaformer_lab.analysis.collect import aggregate_seeds, axis_applies, protocol_label
+from metaformer_lab.analysis.tables import ablation_deltas, protocol_blocks, trained_their_rows
 
 MARKERS = "osD^vPX*h<>"
 # the axes a point label may name; the data and image size are the legend's (model: where a series holds one)
-LABEL_AXES = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp")
+LABEL_AXES = ("model", "mixer", "pool_size", "kernel_size", "head_dim", "norm", "act", "residual", "mlp")
 _NAMES = ("model", "mixer", "norm", "act")  # axes whose values say what they are: "identity", not "mixer=identity"
 # where a label may go: its nearest corner or edge this many points from its point, sideways before up or down
 _DX = (0, 6, 12, 20, 30, 42, 56, 72, 90, 110)
@@ -49,10 +49,6 @@ def _figure(size: tuple[float, float]) -> tuple[Figure, Axes]:
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)  # a renderer, to measure labels before the figure is saved or shown
     return fig, fig.add_subplot()
-
-
-def _empty(ax: Axes, message: str) -> None:
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
 def _legend(fig: Figure) -> None:
@@ -253,21 +249,23 @@ def label_extents(ax: Axes) -> list:
     return [Text.get_window_extent(t, renderer) for t in ax.texts if isinstance(t, Annotation)]
 
 
-def plot_deltas(table: pd.DataFrame) -> Figure:
+def plot_deltas(table: pd.DataFrame) -> Figure | None:
     """Δ top-1 vs baseline here against the paper's, one labelled point per row with runs (error bar: the paired
-    95% interval), and the line y = x.
+    95% interval), and the line y = x; None where no row has a Δ here (`report_notes` says why).
 
     `table`: `compare_to_paper(df)`, or `paper_table(df)` (its numbers are in `attrs["comparison"]`). Each protocol
     is its own series, named in the legend. Where some Δ exceeds 20 points (no residual: -77 in the paper), both axes
     are symmetric-log beyond ±1 point, so that the small effects near 0 do not collapse onto one spot.
     """
     comparison = table if "delta_here" in table.columns else table.attrs["comparison"]
+    if ablation_deltas(comparison).empty:
+        return None
     fig, ax = _figure((6.5, 6.5))
     ax.axhline(0, color="lightgray", lw=0.8)
     ax.axvline(0, color="lightgray", lw=0.8)
     x, y, err, texts, colors = [], [], [], [], []
     for k, (protocol, block) in enumerate(protocol_blocks(comparison)):
-        rows = block[block["delta_here"].notna() & ~block["baseline"]]
+        rows = ablation_deltas(block)
         if rows.empty:
             continue
         color = f"C{k % 10}"
@@ -281,23 +279,19 @@ def plot_deltas(table: pd.DataFrame) -> Figure:
         err += list(yerr)
         texts += [_short(experiment) for experiment in rows["experiment"]]
         colors += [color] * len(rows)
+    ax.axline((0, 0), (1, 1), ls="--", color="gray", lw=1, label="y = x (same effect as in the paper)")
+    _legend(fig)
     scale = ""
-    if not x:
-        _empty(ax, "no ablation with completed runs\nand a baseline with completed runs yet")
-    else:
-        ax.axline((0, 0), (1, 1), ls="--", color="gray", lw=1, label="y = x (same effect as in the paper)")
-        _legend(fig)
-        if np.nanmax(np.abs([*x, *y])) > 20:
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_yscale("symlog", linthresh=1)
-            for axis in (ax.xaxis, ax.yaxis):
-                axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 10, not 10^1
-            scale = ", symmetric log beyond ±1"
-    baseline = comparison.loc[comparison["baseline"], "experiment"]
+    if np.nanmax(np.abs([*x, *y])) > 20:
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_yscale("symlog", linthresh=1)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 10, not 10^1
+        scale = ", symmetric log beyond ±1"
+    baseline = comparison.loc[comparison["baseline"], "experiment"].iloc[0]
     ax.set_xlabel(f"Δ top-1 vs baseline in the paper (points{scale})")
     ax.set_ylabel(f"Δ top-1 vs baseline here (points{scale})")
-    ax.set_title(f"{comparison.attrs.get('table', '')}: effect of each ablation vs "
-                 f"{baseline.iloc[0] if len(baseline) else '?'}", fontsize=9)  # fmt: skip
+    ax.set_title(f"{comparison.attrs.get('table', '')}: effect of each ablation vs {baseline}", fontsize=9)
     place_labels(ax, x, y, texts, colors, yerr=err)  # last: it fixes the layout
     return fig
 
@@ -305,13 +299,16 @@ def plot_deltas(table: pd.DataFrame) -> Figure:
 def point_labels(agg: pd.DataFrame, series: Sequence[str] | None = None) -> list[str]:
     """Labels of configurations (`aggregate_seeds` rows), never their override strings: the short experiment, else
     the LABEL_AXES that vary within a series among the configurations without one ("identity, layernorm"; names
-    as they are, other axes as "pool_size=5"). Two labels of one series that still read the same get the overrides
-    in which their run names differ. `series`: what each row is plotted in (default: its protocol)."""
+    as they are, other axes as "pool_size=5"; a mixer's argument only where some stage's mixer takes it). Two
+    labels of one series that still read the same get the overrides in which their run names differ. `series`: what
+    each row is plotted in (default: its protocol)."""
     series = pd.Series(agg["protocol"] if series is None else list(series), index=agg.index).fillna("")
     varying = label_axes(agg, series)
+    used = {axis: axis_applies(agg, axis) for axis in varying}
     named = trained_their_rows(agg)  # `experiment=t5_identity mixer=pooling` is not "identity"
     labels = pd.Series([
-        _short(run["experiment"]) if named[i] else ", ".join(_axis_value(axis, run[axis]) for axis in varying)
+        _short(run["experiment"]) if named[i]
+        else ", ".join(_axis_value(axis, run[axis]) for axis in varying if used[axis][i])
         for i, run in agg.iterrows()
     ], index=agg.index, dtype=object)  # fmt: skip
     for _, same in labels.groupby([series, labels]):
@@ -324,9 +321,13 @@ def point_labels(agg: pd.DataFrame, series: Sequence[str] | None = None) -> list
 
 
 def label_axes(agg: pd.DataFrame, series: pd.Series) -> list[str]:
-    """The LABEL_AXES that vary within a series among the configurations not labelled by their paper row."""
+    """The LABEL_AXES that vary within a series among the configurations not labelled by their paper row (a mixer's
+    argument: among those where some stage's mixer takes it)."""
     sweep = agg[~trained_their_rows(agg)]
-    return [axis for axis in LABEL_AXES if sweep.groupby(series[sweep.index])[axis].nunique().gt(1).any()]
+    return [
+        axis for axis in LABEL_AXES
+        if sweep[axis].where(axis_applies(sweep, axis)).groupby(series[sweep.index]).nunique().gt(1).any()
+    ]  # fmt: skip
 
 
 def _axis_value(axis: str, value: object) -> str:
@@ -334,8 +335,9 @@ def _axis_value(axis: str, value: object) -> str:
     return str(value) if axis in _NAMES else f"{axis}={value}"
 
 
-def plot_accuracy_vs_macs(df: pd.DataFrame) -> Figure:
-    """Best val top-1 (mean ± std over seeds) against MACs, one labelled point per configuration with completed runs.
+def plot_accuracy_vs_macs(df: pd.DataFrame) -> Figure | None:
+    """Best val top-1 (mean ± std over seeds) against MACs, one labelled point per configuration with completed runs;
+    None where no completed run records its MACs (`report_notes` says so).
 
     `df`: runs from `collect_runs`. A series (colour, marker, named in the legend) per protocol apart from the model:
     more compute, other models, is what this plot compares (a series of one model names it in the legend). Labels:
@@ -343,32 +345,31 @@ def plot_accuracy_vs_macs(df: pd.DataFrame) -> Figure:
     """
     agg = aggregate_seeds(df)
     agg = agg[agg["macs"].notna()].reset_index(drop=True)
+    if agg.empty:
+        return None
     fig, ax = _figure((8, 6))
     title, x, y, err, texts, colors = "Accuracy against compute, runs here", [], [], [], [], []
-    if agg.empty:
-        _empty(ax, "no completed runs yet")
-    else:
-        agg["series"] = [protocol_label(run, omit=("model",)) for run in agg.to_dict("records")]
-        agg["macs_g"], agg["label"] = agg["macs"].astype("float64") / 1e9, point_labels(agg, agg["series"])
-        order = agg.groupby("series")["n"].sum().sort_values(ascending=False, kind="stable").index
-        for k, name in enumerate(order):
-            runs = agg[agg["series"] == name]
-            models = runs["model"].nunique()
-            legend = runs["protocol"].iloc[0] if models == 1 else f"{name} ({models} models)"
-            color = f"C{k % 10}"
-            ax.errorbar(runs["macs_g"], runs["top1_mean_pct"], yerr=runs["top1_std_pct"].fillna(0), capsize=3,
-                        fmt=MARKERS[k % len(MARKERS)], color=color, label=legend)  # fmt: skip
-            x += list(runs["macs_g"])
-            y += list(runs["top1_mean_pct"])
-            err += list(runs["top1_std_pct"])
-            texts += list(runs["label"])
-            colors += [color] * len(runs)
-        if agg["macs_g"].max() > 20 * agg["macs_g"].min():
-            ax.set_xscale("log")
-        _legend(fig)
-        named = label_axes(agg, agg["series"])
-        if named:
-            title += f"\npoints: the experiment, else {', '.join(named)}"
+    agg["series"] = [protocol_label(run, omit=("model",)) for run in agg.to_dict("records")]
+    agg["macs_g"], agg["label"] = agg["macs"].astype("float64") / 1e9, point_labels(agg, agg["series"])
+    order = agg.groupby("series")["n"].sum().sort_values(ascending=False, kind="stable").index
+    for k, name in enumerate(order):
+        runs = agg[agg["series"] == name]
+        models = runs["model"].nunique()
+        legend = runs["protocol"].iloc[0] if models == 1 else f"{name} ({models} models)"
+        color = f"C{k % 10}"
+        ax.errorbar(runs["macs_g"], runs["top1_mean_pct"], yerr=runs["top1_std_pct"].fillna(0), capsize=3,
+                    fmt=MARKERS[k % len(MARKERS)], color=color, label=legend)  # fmt: skip
+        x += list(runs["macs_g"])
+        y += list(runs["top1_mean_pct"])
+        err += list(runs["top1_std_pct"])
+        texts += list(runs["label"])
+        colors += [color] * len(runs)
+    if agg["macs_g"].max() > 20 * agg["macs_g"].min():
+        ax.set_xscale("log")
+    _legend(fig)
+    named = label_axes(agg, agg["series"])
+    if named:
+        title += f"\npoints: the experiment, else {', '.join(named)}"
     ax.set_xlabel("MACs (G, at the runs' image size)")
     ax.set_ylabel("best val top-1 (%)")
     ax.set_title(title, fontsize=9)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from metaformer_lab.analysis.collect import CONFIG_AXES, aggregate_seeds, completed_runs, protocol_label
+from metaformer_lab.analysis.collect import TABLE_AXES, aggregate_seeds, axis_applies, completed_runs, protocol_label
 from metaformer_lab.analysis.stats import paired_difference, spearman
 
 TABLES = ("table5", "main", "baselines")
@@ -196,6 +196,32 @@ def _sign_agrees(here: float, paper: float, n: int) -> object:
     return (here > 0) == (paper > 0)
 
 
+def ablation_deltas(comparison: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `compare_to_paper` with a Δ here: not the baseline, and it and the baseline have completed runs
+    of one protocol."""
+    return comparison[comparison["delta_here"].notna() & ~comparison["baseline"]]
+
+
+def report_notes(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """The notes to read with `table` (`paper_table` or `axis_table` of the runs `df`) and its plots, which the
+    command prints and the notebooks show: what has nothing to show and why, then the table's own notes."""
+    notes = []
+    with_results = aggregate_seeds(df)
+    comparison = table.attrs.get("comparison")
+    if with_results.empty:
+        notes.append("no completed run yet: nothing to plot")
+    elif comparison is not None and comparison["n"].sum() == 0:
+        notes.append("no completed run has the experiment of a row of this table, so no Δ to plot; for other sweeps "
+                     "use --table axes (axis_table in Python)")  # fmt: skip
+    elif comparison is not None and ablation_deltas(comparison).empty:
+        baseline = comparison.loc[comparison["baseline"], "experiment"].iloc[0]
+        notes.append(f"no Δ to plot: no row has completed runs of a protocol in which the baseline ({baseline}) "
+                     "has some")  # fmt: skip
+    if not with_results.empty and with_results["macs"].isna().all():
+        notes.append("no completed run records its MACs: no plot of accuracy against compute")
+    return notes + list(table.attrs.get("notes", []))
+
+
 def rank_correlation(block: pd.DataFrame) -> tuple[float, int]:
     """(Spearman's rho between our top-1 and the paper's over the rows of one protocol that have runs, rows)."""
     have = block[block["n"] > 0]
@@ -321,18 +347,20 @@ def axis_table(df: pd.DataFrame, axis: str | list[str] | None = None, digits: in
     `axis`: the axis (or axes) to show; by default every axis that varies among the completed runs. The protocol
     (`protocol_label`, less the axes shown) is a "Protocol" column, rows grouped by it with most completed runs
     first, where the runs have several; with one, `attrs["notes"]` names it. A "Config" column (the run directory
-    name without its seed) is added when the shown columns do not tell the rows apart.
+    name without its seed) is added when the shown columns do not tell the rows apart. A mixer's argument is blank
+    where no stage's mixer takes it (`axis_applies`: an identity model's pool_size), a dash where it is not recorded.
     """
     agg = aggregate_seeds(df)
-    if axis is None:
-        axes = [a for a in CONFIG_AXES if agg[a].nunique(dropna=False) > 1] or ["model", "mixer"]
+    if axis is None:  # a mixer's argument varies where its mixer is used, not where its value means nothing
+        varying = [a for a in TABLE_AXES if agg.loc[axis_applies(agg, a), a].nunique(dropna=False) > 1]
+        axes = varying or ["model", "mixer"]
     else:
         axes = [axis] if isinstance(axis, str) else list(axis)
     agg["Protocol"] = [protocol_label(run, omit=axes) for run in agg.to_dict("records")]
     agg["_completed"] = agg.groupby("Protocol")["n"].transform("sum")
     agg = agg.sort_values(["_completed", "Protocol", *axes], ascending=[False] + [True] * (1 + len(axes)),
                           na_position="last", kind="stable", ignore_index=True)  # fmt: skip
-    out = pd.DataFrame({a: agg[a].astype(object).where(agg[a].notna(), DASH).astype(str) for a in axes})
+    out = pd.DataFrame({a: _axis_cells(agg, a) for a in axes})
     notes = []
     if agg["Protocol"].nunique() > 1:
         out.insert(0, "Protocol", agg["Protocol"])
@@ -349,6 +377,12 @@ def axis_table(df: pd.DataFrame, axis: str | list[str] | None = None, digits: in
         ]
     out.attrs.update(notes=notes, table="axes")
     return out
+
+
+def _axis_cells(agg: pd.DataFrame, axis: str) -> list[str]:
+    """An axis column of `axis_table`: blank where its value means nothing (`axis_applies`), a dash where unknown."""
+    return ["" if not used else DASH if pd.isna(value) else str(value)
+            for value, used in zip(agg[axis], axis_applies(agg, axis), strict=True)]  # fmt: skip
 
 
 _GROUPS = ("Ablation", "Protocol")  # columns whose rows come in groups: named once, a rule between groups
