@@ -1,6 +1,8 @@
 """Training end to end: run.py on the embedded data, the run record, resume, divergence, wandb, DDP."""
 
+import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -108,12 +110,20 @@ def test_a_run_ends_with_one_line_and_logs_to_run_log_without_noise(tmp_path):
         assert noise not in output
     log = (run_dir / "run.log").read_text()
     assert "`Trainer.fit` stopped" in log and last in log and "model small" in log  # Lightning's lines and ours
+    # output to a pipe: no progress bar (carriage returns, cursor moves) but a line per validation; no complaints
+    for noise in ("\r", "\x1b[", "it/s", "weights_only", "could not find the monitored key"):
+        assert noise not in output and noise not in log, noise
+    assert re.search(r"\nepoch 1, step 3: val top-1 \d+\.\d\d%, top-5 \d+\.\d\d%\n", result.stdout)
     assert record.accelerator == "cpu" and record.schedule == "2 ep, max 3 steps"
 
 
 class _LrPerStep(L.Callback):
     def __init__(self):
         self.lrs = []
+        self.estimated = None
+
+    def on_train_start(self, trainer, module):
+        self.estimated = trainer.estimated_stepping_batches  # Lightning's count of the steps, from the loader
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
@@ -127,6 +137,33 @@ def test_lr_schedule_follows_the_steps_actually_run(tmp_path):
     optim = build_optim(cfg)  # warmup, cosine over 2 epochs and no cooldown, all fitted into 5 steps
     assert lrs.lrs == pytest.approx([optim.lr_at(step * 2 / 5) for step in range(5)])
     assert lrs.lrs[0] == pytest.approx(optim.warmup_lr) and max(lrs.lrs) > 0.5 * optim.lr
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optim.epochs=12", "trainer.max_steps=20"],  # 12 epochs of 4 steps, cut at 20: the schedule fitted into them
+    ["optim.epochs=3", "trainer.limit_train_batches=0.5"],  # 3 epochs of 2 steps
+    ["trainer.fast_dev_run=true"],  # 1 step
+    ["optim.epochs=1", "data.train_size=1280"],  # 1 epoch of 20 steps: the warmup capped at a tenth of it
+])  # fmt: skip
+def test_the_schedule_line_says_the_steps_the_lr_takes(tmp_path, caplog, overrides):
+    caplog.set_level(logging.INFO)
+    lrs, cfg = _LrPerStep(), compose_config(*QUICK, "optim.warmup_epochs=1", *overrides)
+    record = train(cfg, tmp_path, callbacks=[lrs])
+    line = next(message for message in caplog.messages if message.startswith("  schedule "))
+    # "warmup 2 steps then cosine to 1e-5 over 20 steps", "warmup 1 ep (2 steps) then cosine ... over 3 ep (6 steps)"
+    found = re.search(r"warmup (?:[\d.]+ ep \()?(\d+) steps?\b.* then cosine to \S+ over (?:\d+ ep \()?(\d+) steps?",
+                      line)  # fmt: skip
+    warmup, total = int(found[1]), int(found[2])
+    assert total == len(lrs.lrs) == record.steps == lrs.estimated, line  # the steps run, as Lightning counts them
+    optim = build_optim(cfg)
+    slope = lrs.lrs[1] - lrs.lrs[0] if total > 1 else 0.0
+    ramp = [lrs.lrs[0] + slope * step for step in range(total)]
+    assert lrs.lrs[0] == pytest.approx(optim.warmup_lr) and lrs.lrs[:warmup] == pytest.approx(ramp[:warmup]), line
+    if warmup < total:  # the lr leaves the warmup's straight line at the step said, and only decays from there
+        assert lrs.lrs[warmup] < 0.999 * ramp[warmup] and lrs.lrs[-1] >= optim.min_lr, line
+        assert all(b <= a for a, b in itertools.pairwise(lrs.lrs[warmup:])), line
+    assert not any("fast_dev_run` mode" in message or "weights_only" in message for message in caplog.messages)
+    assert "`Trainer.fit` stopped" in caplog.text  # Lightning's lines are seen here: the banner was left out
 
 
 @pytest.mark.parametrize("override, steps, schedule", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -10,13 +11,18 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+
+log = logging.getLogger(__name__)
 
 
 class ValidationHistory(L.Callback):
-    """Top-1 / top-5 of every validation epoch; saved in checkpoints, so a resumed run still knows its best."""
+    """Top-1 / top-5 of every validation epoch; saved in checkpoints, so a resumed run still knows its best.
+    `report`: each also as a line of the run's log (where no progress bar shows them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, report: bool = False) -> None:
         self.history: list[dict[str, float]] = []
+        self.report = report
 
     def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -26,6 +32,11 @@ class ValidationHistory(L.Callback):
             epoch=trainer.current_epoch, step=trainer.global_step,
             top1=float(metrics["val/top1"]), top5=float(metrics["val/top5"]),
         ))  # fmt: skip
+        if self.report and trainer.is_global_zero:
+            # counted from 1; after fit (stopped by max_steps), current_epoch is already the one it stopped in
+            epoch = trainer.current_epoch + (trainer.state.fn == TrainerFn.FITTING)
+            last = self.history[-1]
+            log.info(f"epoch {epoch}, step {last['step']}: val top-1 {last['top1']:.2%}, top-5 {last['top5']:.2%}")
 
     def validated_at(self, step: int) -> bool:
         return bool(self.history) and self.history[-1].get("step") == step

@@ -58,9 +58,9 @@ def wandb_logger(cfg: DictConfig, run_dir: Path, record: RunRecord) -> WandbLogg
     return logger
 
 
-# Lightning's info lines that say nothing about this run: advertisements, and hardware lines the run's own start
-# lines replace (device and precision)
-_NOISE = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "Loading `train_dataloader` to estimate")
+# Lightning's info lines that say nothing about this run: advertisements, and lines the run's own start lines replace
+# (device and precision; the schedule, which says fast_dev_run)
+_NOISE = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "Running in `fast_dev_run` mode")
 
 
 def _not_noise(record: logging.LogRecord) -> bool:

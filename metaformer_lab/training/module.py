@@ -79,7 +79,7 @@ class OptimSettings:
     def warmup(self) -> float:
         """Warmup epochs as run: `warmup_epochs`, or a tenth of `epochs` where it would take the whole run
         (`optim.epochs=1` with the default warmup of 1), so that a short run still reaches its peak lr and decays
-        from it; `describe()` says so. A warmup shorter than the run is kept as given."""
+        from it; `describe` says so. A warmup shorter than the run is kept as given."""
         return self.warmup_epochs if self.warmup_epochs < self.epochs else self.epochs / 10
 
     @property
@@ -87,17 +87,46 @@ class OptimSettings:
         """Epochs the loop runs: the cosine's `epochs`, then `cooldown_epochs` at min_lr (timm's schedule)."""
         return self.epochs + self.cooldown_epochs
 
-    def describe(self) -> str:
-        """The schedule in words, for the start of a run: what runs, for how long, and any cap applied."""
-        warmup = f"warmup {self.warmup:g} ep"
-        if self.warmup < self.warmup_epochs:
-            warmup += f" (optim.warmup_epochs={self.warmup_epochs:g} would take all of optim.epochs={self.epochs})"
-        decay = f"cosine from lr {self.lr:.3g} to {self.min_lr:g}" if self.min_lr < self.lr else f"lr {self.lr:.3g}"
-        text = f"{self.optimizer}, {self.epochs} ep {decay}, {warmup}"
+    def describe(self, steps: int, steps_per_epoch: int) -> str:
+        """The schedule in words, for the start of a run: lr, warmup and decay in the optimizer steps the run takes
+        (`steps`; `steps_per_epoch` in a whole epoch), and in epochs too unless the run stops short of its epochs
+        (trainer.max_steps, fast_dev_run), which then fits the schedule into its steps."""
+        whole_epochs = steps == steps_per_epoch * self.total_epochs
+
+        def length(epochs: float) -> str:  # steps [0, n) come before `epochs`, as the scheduler counts them
+            n = self.first_step_at(epochs, steps)
+            in_steps = f"{n:,} step{'s' * (n != 1)}"
+            return f"{epochs:g} ep ({in_steps})" if whole_epochs else in_steps
+
+        text = f"{self.optimizer}, lr {_lr_text(self.lr)}, "
+        if self.warmup:
+            warmup = length(self.warmup)
+            if self.warmup < self.warmup_epochs:
+                capped = f"optim.warmup_epochs={self.warmup_epochs:g} would take all of optim.epochs={self.epochs}"
+                warmup = f"{warmup[:-1]}; {capped})" if warmup.endswith(")") else f"{warmup} ({capped})"
+            text += f"warmup {warmup} then "
+        decay = f"cosine to {_lr_text(self.min_lr)}" if self.min_lr < self.lr else "constant"
+        text += f"{decay} over {length(self.epochs)}"
         if self.cooldown_epochs:
-            text += (f", then {self.cooldown_epochs} cooldown ep at min_lr = {self.total_epochs} ep "
-                     "(optim.cooldown_epochs=0 drops them)")  # fmt: skip
+            text += (f", then {self.cooldown_epochs} cooldown ep at min_lr = {self.total_epochs} ep ({steps:,} steps)"
+                     if whole_epochs else f", then min_lr to step {steps:,} ({self.cooldown_epochs} cooldown ep)")
+            text += " (optim.cooldown_epochs=0 drops them)"
         return text
+
+    def epoch_at(self, step: int, steps: int) -> float:
+        """The schedule's epoch at optimizer step `step` of a run of `steps`: all its epochs, cooldown included,
+        fitted into the steps the run takes (whole epochs, unless the run stops short of them)."""
+        return step * self.total_epochs / steps
+
+    def first_step_at(self, epoch: float, steps: int) -> int:
+        """The first of `steps` optimizer steps at or past `epoch` of the schedule, by `epoch_at` (as the scheduler
+        counts): the number of steps before it, e.g. of the warmup."""
+        step = min(steps, math.ceil(epoch * steps / self.total_epochs))
+        while step > 0 and self.epoch_at(step - 1, steps) >= epoch:  # float rounding on either side of the estimate
+            step -= 1
+        while step < steps and self.epoch_at(step, steps) < epoch:
+            step += 1
+        return step
 
     @property
     def lr(self) -> float:
@@ -126,13 +155,15 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 class ImageClassifier(L.LightningModule):
     """A classifier trained with soft targets: mixup / cutmix and label smoothing, then random erasing where
-    `random_erasing` is given (after the mixing, as the official prefetcher). `optim` None: evaluation only."""
+    `random_erasing` is given (after the mixing, as the official prefetcher). `optim` None: evaluation only. Training
+    fits the lr schedule into `schedule_steps` optimizer steps (config.optimizer_steps: the steps the run takes)."""
 
     def __init__(
         self, model: nn.Module, optim: OptimSettings | None, num_classes: int, channels_last: bool = False,
-        random_erasing: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        random_erasing: Callable[[torch.Tensor], torch.Tensor] | None = None, schedule_steps: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.schedule_steps = schedule_steps
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
         self.optim = optim
         self.random_erasing = random_erasing
@@ -192,8 +223,16 @@ class ImageClassifier(L.LightningModule):
             # small model's step). A fused AdamW unscales 16-mixed gradients itself: Lightning could not clip them.
             fused = not (o.grad_clip and str(self.trainer.precision).startswith("16"))
             optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
-        # the whole schedule (warmup, cosine, cooldown) over the optimizer steps this run will take: per epoch as
-        # usual, and fitted into them when the run is shortened (trainer.max_steps, limit_train_batches)
-        epochs_per_step = o.total_epochs / max(1, self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: o.lr_at(step * epochs_per_step) / o.lr)
+        # the whole schedule (warmup, cosine, cooldown) over the optimizer steps this run takes: per epoch as usual,
+        # and fitted into them when the run stops short of its epochs (trainer.max_steps, fast_dev_run)
+        steps = self.schedule_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: o.lr_at(o.epoch_at(step, steps)) / o.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _lr_text(lr: float) -> str:
+    """A learning rate as the configs write it: 5e-4, 1.25e-3, 0.1."""
+    if lr == 0 or lr >= 0.01:
+        return f"{lr:.3g}"
+    mantissa, exponent = f"{lr:.2e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
