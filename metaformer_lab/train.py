@@ -8,21 +8,22 @@ checkpoint, and starts a failed one over.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Sequence
+from contextlib import suppress
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +35,7 @@ from metaformer_lab.config import (
     build_model,
     build_optim,
     check_validation_interval,
+    optimizer_steps,
     process_count,
     resolve_device,
     run_axes,
@@ -55,13 +57,9 @@ from metaformer_lab.training.callbacks import (
 from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO, remove_partial_writes
 from metaformer_lab.training.loggers import route_library_output, shown_path, wandb_location, wandb_logger
 from metaformer_lab.training.module import DivergedError, ImageClassifier, OptimSettings
-from metaformer_lab.training.start import agreed_start, slurm_runs_the_ranks
+from metaformer_lab.training.start import AlreadyRunning, Start, agreed_start, now_utc, run_lock, slurm_runs_the_ranks
 
 log = logging.getLogger(__name__)
-
-
-def now_utc() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _git_commit() -> str | None:
@@ -89,14 +87,19 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
 
     Every check (config, model, data, Lightning's own) runs before the record is first written: a configuration
     error raises a ConfigError and leaves no record behind (nor changes an earlier one). `failed` is for runs that
-    started.
+    started. A run another process is running raises AlreadyRunning, and is left as it is.
     """
     route_library_output()
     run_dir = Path(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    begin = agreed_start(config, run_dir)  # decided once per run, whatever the number of processes
-    if begin.skip:
-        return begin.previous
+    # decided once per run, whatever the number of processes; the process that decides holds the run's lock
+    with agreed_start(config, run_dir) as begin:
+        if begin.skip:
+            return begin.previous
+        return _train(cfg, run_dir, config, begin, callbacks)
+
+
+def _train(cfg: DictConfig, run_dir: Path, config: dict, begin: Start, callbacks: Sequence[L.Callback]) -> RunRecord:
     previous = begin.previous
 
     start = time.perf_counter()
@@ -125,6 +128,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
         cfg, run_dir, record, optim, trainer_args, callbacks, resuming, began
     )
     record.world_size = trainer.world_size
+    steps = optimizer_steps(trainer, record.train_images, cfg.data.batch_size)  # (run's, an epoch's)
     record.cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     check_validation_interval(trainer_args, record.train_images, cfg.data.batch_size, trainer.world_size)
     device = trainer.strategy.root_device
@@ -140,22 +144,24 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
             for folder in (checkpoints, run_dir / "csv"):
                 shutil.rmtree(folder, ignore_errors=True)
         write_record(run_dir, record)
-        _log_start(cfg, record, optim, trainer, ckpt_path)
+        _log_start(cfg, record, optim, trainer, steps, ckpt_path)
     if trainer.world_size > 1:  # each rank its own stream (drop path, mixup), as timm seeds rank r with seed + r
         L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if cfg.trainer.compile:  # true (inductor) or a backend name; in place, so checkpoint keys stay the plain model's
         model.compile(backend="inductor" if cfg.trainer.compile is True else cfg.trainer.compile)
     channels_last = resolve_device(cfg.trainer)["channels_last"]
-    module = ImageClassifier(model, optim, datamodule.num_classes, channels_last, datamodule.random_erasing)
+    module = ImageClassifier(
+        model, optim, datamodule.num_classes, channels_last, datamodule.random_erasing, schedule_steps=steps[0]
+    )
     status, error = "failed", "stopped by an unexpected signal"  # replaced below on every ordinary exit
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if not history.validated_at(trainer.global_step):  # stopped between validations (max_steps, max_time)
             trainer.validate(module, datamodule=datamodule, verbose=False)
             if not trainer.fast_dev_run:  # the checkpoints hold the weights the record's numbers were measured on
-                trainer.save_checkpoint(checkpoints / "last.ckpt")
+                trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # all of it: it resumes
                 if history.best() is history.history[-1]:
-                    trainer.save_checkpoint(checkpoints / "best.ckpt")
+                    trainer.save_checkpoint(checkpoints / "best.ckpt", weights_only=False)
         status, error = "completed", None
     except DivergedError as diverged:
         status, error = "diverged", str(diverged)
@@ -200,9 +206,7 @@ def check_room(run_dir: Path, params: int) -> None:
 
 def check_resume_world(checkpoint: str, world_size: int) -> None:
     """A checkpoint saved mid-epoch resumes only on as many processes as saved it: each rank's place in the epoch
-    is its own (an epoch-end checkpoint resumes on any number)."""
-    if not Path(checkpoint).is_file():
-        raise ConfigError("resume", checkpoint, "no such checkpoint file")
+    is its own (an epoch-end checkpoint resumes on any number). The file reads: decide_start checked it."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     position = next((v for k, v in saved.items() if isinstance(v, dict) and "batches_done" in v), None)
     if position and position["batches_done"] and position.get("world_size", world_size) != world_size:
@@ -219,7 +223,8 @@ def discard_unstarted_run(run_dir: str | Path) -> None:
     .launch/ when its ranks refused it)."""
     run_dir = Path(run_dir)
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", ".launch", "run.log"}:
-        shutil.rmtree(run_dir)
+        with suppress(AlreadyRunning), run_lock(run_dir):  # not while another launch of the run is setting it up
+            shutil.rmtree(run_dir)
 
 
 def end_line(record: RunRecord) -> str:
@@ -257,7 +262,10 @@ def _count(number: float, unit: str) -> str:
     return f"{number:g} {unit}"
 
 
-def _log_start(cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer: L.Trainer, ckpt: str | None) -> None:
+def _log_start(
+    cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer: L.Trainer, steps: tuple[int, int],
+    ckpt: str | None,
+) -> None:  # fmt: skip
     """What is about to run, in a few lines (in place of Lightning's model summary, which cannot count MACs)."""
     axes = f"mixer {record.mixer}, norm {record.norm}, act {record.act}"
     axes += "".join(f", {key}={value}" for key, value in (("residual", record.residual), ("mlp", record.mlp))
@@ -269,7 +277,7 @@ def _log_start(cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer
     log.info("  data %s: %s; %d per optimizer step = %d per device x %d device%s x %d accumulated", record.data,
              images, optim.global_batch, cfg.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
              trainer.accumulate_grad_batches)  # fmt: skip
-    log.info("  schedule %s: %s", record.schedule, optim.describe())
+    log.info("  schedule %s: %s", record.schedule, optim.describe(*steps))
     threads = torch.get_num_threads()
     on_cpu = f" ({threads} thread{'s' * (threads > 1)})" if record.accelerator == "cpu" else ""
     protocol = "".join(f", {group}={cfg[group]}" for group in ("proxy", "debug") if cfg.get(group))
@@ -286,20 +294,27 @@ def _build_trainer(
     wandb = wandb_logger(cfg, run_dir, record) if cfg.logger.wandb else None
     if wandb is not None:
         loggers.append(wandb)
-    history, throughput = ValidationHistory(), TrainThroughput(began)
+    # Lightning's bar on a terminal only: in a file or a pipe its redraws are noise, and a line per validation says more
+    progress_bar = trainer_args.get("enable_progress_bar", sys.stdout.isatty())
+    history, throughput = ValidationHistory(report=not progress_bar), TrainThroughput(began)
     checkpoints = run_dir / "checkpoints"
     extra: list[L.Callback] = []
+    if progress_bar:  # a refresh reads the loss it shows (.item()): on a GPU a wait for the device, so not every step
+        extra.append(TQDMProgressBar(refresh_rate=1 if trainer_args["accelerator"] == "cpu" else 50))
     if (minutes := cfg.trainer.save_every_minutes) is not None:
         extra.append(SaveEvery(checkpoints / "last.ckpt", minutes))
     plugins: list = [AtomicCheckpointIO()]
     if slurm_runs_the_ranks(process_count(cfg.trainer)):
         plugins.append(SLURMEnvironment(auto_requeue=False))  # requeue is submitit's: Lightning's would be a second
     arguments = dict(
-        dict(num_sanity_val_steps=0, enable_model_summary=False), **trainer_args,  # defaults a user can change
+        dict(num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=progress_bar),  # a user may change
+        **trainer_args,
         max_epochs=optim.total_epochs, gradient_clip_val=optim.grad_clip, default_root_dir=run_dir,
         logger=loggers, use_distributed_sampler=False, plugins=plugins,
         callbacks=[
-            ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False),
+            # saved after a validation, not at an epoch's end: one that max_steps cuts short has none
+            ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max", enable_version_counter=False,
+                            save_on_train_epoch_end=False),
             # every epoch, new best or not: Lightning 2.6's save_last only writes along with a new best
             ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
             history, throughput, ResumableRng(), ShareBatchNormStats(cfg.trainer.dist_bn), UnreadableImages(),

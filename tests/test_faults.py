@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,8 @@ from conftest import FAULTS, QUICK, ROOT, compose_config, only_record, records_b
 from metaformer_lab.record import read_record, shared_file_mode
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import train
-from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO
+from metaformer_lab.training.checkpoint_io import AtomicCheckpointIO, unreadable_checkpoint
+from metaformer_lab.training.start import UnreadableCheckpoint, decide_start, run_lock
 
 WRITER = """
 import sys, torch
@@ -198,6 +201,12 @@ def test_the_sweep_summary_counts_every_outcome_and_says_what_to_do():
     assert lines[1] == "  refused     runs/c: mixer='x': valid choices: ..." and "starts failed ones over" in lines[2]
     assert summarize(jobs[:2], expected=2) == (["sweep of 2 jobs: 2 completed, 1 of them finished before (skipped)"],
                                                True)  # fmt: skip
+    running = {"run_dir": "runs/d", "status": "skipped", "detail": "already running (pid 7 on host h)",
+               "earlier": False}  # fmt: skip
+    assert summarize([jobs[1], running], expected=2) == ([
+        "sweep of 2 jobs: 1 completed, 1 skipped (already running)",
+        "  skipped     runs/d: already running (pid 7 on host h)",
+    ], False)  # fmt: skip
 
 
 def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_processes(tmp_path):
@@ -211,8 +220,8 @@ def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_processes(tmp_path):
                 check_resume_world(str(path), world)
         else:
             check_resume_world(str(path), world)
-    with pytest.raises(ConfigError, match=r"resume=.*no such checkpoint file"):
-        check_resume_world(str(tmp_path / "missing.ckpt"), 1)
+    with pytest.raises(ConfigError, match=r"resume=.*: cannot resume from it: no such file"):
+        decide_start({"resume": str(tmp_path / "missing.ckpt")}, tmp_path)
 
 
 def test_a_job_whose_requeues_ran_out_is_interrupted_not_failed(tmp_path, monkeypatch):
@@ -234,3 +243,112 @@ def test_a_job_whose_requeues_ran_out_is_interrupted_not_failed(tmp_path, monkey
     assert resumed.status == "completed" and "resume-1" in {p.name for p in (tmp_path / "csv").iterdir()}
     assert resumed.wandb_id == stopped.wandb_id  # the same wandb run goes on
     assert len([p for p in (tmp_path / "wandb").glob(f"offline-run-*-{stopped.wandb_id}")]) == 2
+
+
+def test_an_unreadable_last_checkpoint_fails_the_run_in_one_line(tmp_path):
+    from submitit.core.utils import UncompletedJobError
+
+    class StopInTheSecondEpoch(L.Callback):  # an interrupted run: last.ckpt and best.ckpt of its first epoch
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                raise UncompletedJobError("out of requeues")
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(UncompletedJobError):
+        train(compose_config(*QUICK), run_dir, callbacks=[StopInTheSecondEpoch()])
+    last, best = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "best.ckpt"
+    whole = last.read_bytes()
+    last.write_bytes(whole[: len(whole) // 2])  # as a copy cut short leaves it
+    (tmp_path / "elsewhere.ckpt").write_bytes(whole[:100])
+    results = run_cli_many({
+        "a resume= that cannot be read": [*QUICK, f"hydra.run.dir={run_dir}", f"resume={tmp_path / 'elsewhere.ckpt'}"],
+        "the same command": [*QUICK, f"hydra.run.dir={run_dir}"],
+        "from best.ckpt, as it says": [*QUICK, f"hydra.run.dir={run_dir}", f"resume={best}"],
+    }, tmp_path)  # fmt: skip
+    refused, failed, resumed = results.values()
+    # the user's own setting: refused as a bad setting, and the run left interrupted (the next command finds it so)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: resume='{tmp_path / 'elsewhere.ckpt'}': cannot resume from it: truncated or corrupt: "
+        "PytorchStreamReader failed reading zip archive: failed finding central directory"
+    ]  # fmt: skip
+    reason = (f"{last} cannot be read (truncated or corrupt: PytorchStreamReader failed reading zip archive: failed "
+              "finding central directory); the run is marked failed: the same command starts it over (its "
+              f"checkpoints deleted: move away any to keep), or resume={best} goes on from its best epoch")  # fmt: skip
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines() == [f"error: {reason}"]
+    assert "Traceback" not in failed.stdout
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout
+    record = read_record(run_dir)
+    assert record.status == "completed" and (record.epochs, record.steps) == (2, 8)
+    assert "resume-1" in {p.name for p in (run_dir / "csv").iterdir()}  # resumed, not started over
+
+    # the record the failed command left, and files of other kinds: a pickle that runs code is refused, never run
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "code ran"),)
+
+    torch.save({"state_dict": {}, "loops": {}, "hook": RunsCode()}, last)
+    torch.save({"stem.weight": torch.ones(1)}, best)  # an official state dict, copied in
+    (run_dir / "result.json").write_text(json.dumps({**json.loads((run_dir / "result.json").read_text()),
+                                                     "status": "interrupted"}))  # fmt: skip
+    with pytest.raises(UnreadableCheckpoint) as unreadable:
+        decide_start({**read_record(run_dir).config, "resume": None}, run_dir)  # as the same command would
+    assert re.fullmatch(r".* cannot be read \(it holds \w+\.mkdir besides weights, which a weights-only load "
+                        r"refuses\); .* starts it over \(its checkpoints deleted: move away any to keep\)",
+                        str(unreadable.value))  # fmt: skip
+    assert read_record(run_dir).status == "failed" and read_record(run_dir).error == str(unreadable.value)
+    assert not (tmp_path / "code ran").exists()
+    assert unreadable_checkpoint(best) == "not a checkpoint of a Lightning training run (no state_dict and loops)"
+
+
+def _start_held(args: list[str], cwd: Path, hold_at_step: int, until: Path) -> subprocess.Popen:
+    """`python run.py args...` that waits at its step `hold_at_step` until the file `until` exists."""
+    faults = json.dumps({"hold_at_step": hold_at_step, "hold_until": str(until)})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": FAULTS,
+           "METAFORMER_TEST_FAULTS": faults}  # fmt: skip
+    with open(cwd / "held.out", "w") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the test went on"
+        time.sleep(0.1)
+
+
+def test_a_second_launch_of_a_running_run_says_so_and_leaves_it_alone(tmp_path):
+    go = tmp_path / "go"
+    first = _start_held(QUICK, tmp_path, hold_at_step=1, until=go)
+    try:
+        _wait_for(lambda: any(read_record(path).status == "running" for path in tmp_path.glob("runs/*/result.json")),
+                  first)  # fmt: skip
+        [record] = tmp_path.glob("runs/*/result.json")
+        written = record.read_bytes()
+        second = run_cli(*QUICK, cwd=tmp_path)
+        run_dir = record.parent.relative_to(tmp_path)
+        assert second.returncode == 1 and second.stderr.strip().splitlines() == [
+            f"{run_dir}: already running (pid {first.pid} on host {socket.gethostname()}); skipped"
+        ]  # fmt: skip
+        assert record.read_bytes() == written and "run " not in second.stdout  # the running one's, untouched
+    finally:
+        go.touch()
+    assert first.wait(timeout=120) == 0
+    assert read_record(record).status == "completed" and read_record(record).steps == 8
+
+
+def test_a_killed_run_leaves_no_lock_and_the_same_command_resumes_it(tmp_path):
+    args = [*QUICK, "data.num_workers=1"]  # a loader process, forked with the lock's descriptor, outlives a kill -9
+    first = _start_held(args, tmp_path, hold_at_step=5, until=tmp_path / "never")  # in the second epoch
+    try:
+        _wait_for(lambda: any(tmp_path.glob("runs/*/checkpoints/last.ckpt")), first)
+    finally:
+        first.kill()
+        first.wait()
+    [run_dir] = tmp_path.glob("runs/*")
+    with run_lock(run_dir):  # free at once, the loader process alive or not
+        pass
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "resuming from" in again.stdout
+    record = read_record(run_dir)
+    assert record.status == "completed" and (record.epochs, record.steps) == (2, 8)

@@ -9,6 +9,8 @@ resume from. A rename within one directory is atomic: readers see the old checkp
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,30 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def unreadable_checkpoint(path: str | Path) -> str | None:
+    """Why training cannot resume from `path`, e.g. "truncated or corrupt: ..."; None: it can. Read as the resume
+    reads it, with torch.load(weights_only=True): a file that holds code is refused, never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        return "no such file"
+    if path.stat().st_size == 0:
+        return "empty"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no need to read it all
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL (\S+)", str(error))
+        return f"it holds {refused[1] if refused else 'objects'} besides weights, which a weights-only load refuses"
+    except OSError as error:
+        return error.strerror or str(error)
+    except Exception as error:  # whatever a damaged file makes the reader raise
+        if "mmap can only be used" in str(error):
+            return "not a checkpoint in torch's zip format"
+        return f"truncated or corrupt: {str(error).split('. ')[0]}"
+    if not (isinstance(saved, dict) and "state_dict" in saved and "loops" in saved):
+        return "not a checkpoint of a Lightning training run (no state_dict and loops)"
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,7 +3,8 @@
 Lightning's own DDP launcher re-runs the command line in each device process: under `-m` every child would run the
 whole sweep, and the parent keeps its DDP state after the first job (Lightning #18175, unfixed). So a job that needs
 several processes and was not given them by a cluster launcher (SLURM tasks, or a torchrun the user started):
-1. decides once how its run starts (skip, resume, start over) and publishes that decision,
+1. takes the run's lock (held until the job ends: its ranks take none), decides once how its run starts (skip,
+   resume, start over) and publishes that decision,
 2. saves its resolved config in `<run dir>/.launch/config.yaml`,
 3. runs torchrun (`torch.distributed.run --standalone --nproc-per-node=N`, quieted: `python -m
    metaformer_lab.training.launch agent N <run dir>`) on this module: every rank trains that config, and rank 0
@@ -35,7 +36,7 @@ from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_jso
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import end_line, now_utc, train
 from metaformer_lab.training.gpus import pinned_gpus
-from metaformer_lab.training.start import LAUNCH_DIR, START_TOKEN, cluster_ranks, decide_start, publish
+from metaformer_lab.training.start import LAUNCH_DIR, START_TOKEN, cluster_ranks, decide_start, publish, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,19 @@ def launch(cfg: DictConfig, run_dir: str | Path) -> RunRecord:
         if not (isinstance(devices, int) and devices >= 1):
             raise ConfigError("trainer.devices", devices, "a number of GPUs per job (launcher=gpus gives each job "
                               "its own: lists, -1 and auto are for one job on the whole machine)")  # fmt: skip
-        with pinned_gpus(devices) as gpus:
+        with run_lock(run_dir), pinned_gpus(devices) as gpus:  # the lock first: a second launch takes no GPUs
             return train_in_fresh_processes(cfg, run_dir, processes, gpus)
     strategy = str(cfg.trainer.strategy)
     starts_its_own = "spawn" in strategy or "fork" in strategy or "notebook" in strategy  # no re-run of argv
     if processes == 1 or starts_its_own:
         return train(cfg, run_dir)
-    return train_in_fresh_processes(cfg, run_dir, processes, None)
+    with run_lock(run_dir):
+        return train_in_fresh_processes(cfg, run_dir, processes, None)
 
 
 def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpus: str | None) -> RunRecord:
-    """Steps 1-4 of the module's docstring; `gpus`: the CUDA_VISIBLE_DEVICES the ranks get (None: unchanged)."""
+    """Steps 1-4 of the module's docstring, under the run's lock; `gpus`: the CUDA_VISIBLE_DEVICES the ranks get
+    (None: unchanged)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     start = decide_start(config, run_dir)
     if start.skip:

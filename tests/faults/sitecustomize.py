@@ -1,8 +1,9 @@
 """Faults injected into every Python process a test starts (run.py, torchrun, the ranks) through PYTHONPATH.
 
-METAFORMER_TEST_FAULTS is JSON: {"<part of a run directory's name>": "raise" | "nan", "sleep_s": seconds}. A run
-whose directory matches fails (or its loss turns NaN) at its second step; sleep_s slows every step down (the numbers
-stay the same) so that a test can kill a run mid-epoch.
+METAFORMER_TEST_FAULTS is JSON: {"<part of a run directory's name>": "raise" | "nan", "sleep_s": seconds,
+"hold_at_step": N, "hold_until": path}. A run whose directory matches fails (or its loss turns NaN) at its second step;
+sleep_s slows every step down (the numbers stay the same) so that a test can kill a run mid-epoch; from step N on, a
+run waits until the file `hold_until` exists (a test holds it there while it does what it tests).
 """
 
 import json
@@ -28,6 +29,9 @@ if FAULTS:
             with torch.no_grad():
                 self.model.head.weight.fill_(float("nan"))
         time.sleep(FAULTS.get("sleep_s", 0))
+        if self.global_step >= FAULTS.get("hold_at_step", float("inf")):
+            while not os.path.exists(FAULTS["hold_until"]):
+                time.sleep(0.05)
         return training_step(self, batch, batch_idx)
 
     ImageClassifier.training_step = faulty_training_step
