@@ -6,7 +6,6 @@ Errors are `ConfigError`s that name the config key as the user types it (`mixer.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from metaformer_lab.data.datamodules import DATASETS
 from metaformer_lab.models import MetaFormer, create_model
 from metaformer_lab.registry import ConfigError
-from metaformer_lab.training.gpus import jobs_at_once
 from metaformer_lab.training.module import OptimSettings
 
 # where each MetaFormer argument comes from in the config, to name it in errors
@@ -70,19 +68,6 @@ def per_stage_groups(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             elif not explicit:  # one choice for all stages, named on the command line
                 cfg[group].stages = None
     return cfg
-
-
-# groups chosen in the defaults list (conf/config.yaml), so that `debug` can override an `experiment` and both a sweep
-OPTIONAL_GROUPS = ("sweep", "experiment", "proxy", "debug")
-
-
-def check_group_syntax(args: Sequence[str]) -> None:
-    """`+experiment=x` was the way to pick a paper row before these groups joined the defaults list; Hydra now
-    answers it with "Multiple values for experiment", which does not say what to type instead."""
-    for arg in args:
-        group, _, value = arg.partition("=")
-        if group.lstrip("+") in OPTIONAL_GROUPS and group.startswith("+"):
-            raise ConfigError(group, value, f"choose it without '+': {group.lstrip('+')}={value}")
 
 
 def _axis_choice(cfg: DictConfig, group: str) -> Any:
@@ -235,6 +220,17 @@ def train_batches_per_epoch(trainer: Mapping[str, Any], train_images: int, batch
     return limited_batches(train_images // world_size // batch_size, trainer.get("limit_train_batches"))
 
 
+def optimizer_steps(trainer: L.Trainer, train_images: int, batch_size: int) -> tuple[int, int]:
+    """(optimizer steps of the run, of one whole epoch): the steps its lr schedule is fitted into, and that its first
+    lines count. Lightning's `estimated_stepping_batches`, known before `fit` (which loads the data to count them),
+    from the Trainer's settings as resolved (fast_dev_run sets max_steps, max_epochs and limit_train_batches): a step
+    per accumulated group of batches and at each epoch's end, up to max_steps."""
+    batches = limited_batches(train_images // trainer.world_size // batch_size, trainer.limit_train_batches)
+    per_epoch = -(-batches // trainer.accumulate_grad_batches)  # rounded up
+    steps = per_epoch * trainer.max_epochs
+    return max(1, steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)), per_epoch
+
+
 def check_validation_interval(trainer: Mapping[str, Any], train_images: int, batch_size: int, world_size: int) -> None:
     """Lightning checks an integer `val_check_interval` against the epoch's batches only inside `fit`, after the run
     has started; this is the same check before it, as a ConfigError."""
@@ -283,16 +279,3 @@ def run_axes(cfg: DictConfig, model: MetaFormer) -> dict[str, Any]:
         seed=cfg.seed, data=cfg.data.name, image_size=cfg.data.image_size, experiment=cfg.experiment,
         sweep=cfg.sweep_name,
     )  # fmt: skip
-
-
-def run_name(override_dirname: str) -> str:
-    """A run directory's name from its overrides: one directory per configuration, found again on a re-run."""
-    name = override_dirname.replace("/", "_") or "default"
-    if len(name) > 200:  # file systems cap names at 255 bytes
-        name = name[:180] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
-    return name
-
-
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
-    OmegaConf.register_new_resolver("jobs_at_once", jobs_at_once, replace=True)  # launcher=gpus: GPUs / devices

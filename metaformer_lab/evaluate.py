@@ -44,12 +44,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from metaformer_lab.config import build_datamodule, build_model, register_resolvers, resolve_device
+from metaformer_lab.config import build_datamodule, build_model, resolve_device
 from metaformer_lab.models import PRESETS, MetaFormer, create_model
 from metaformer_lab.models.convert import Converted, convert_checkpoint
 from metaformer_lab.models.presets import EVAL_CROP_PCT
+from metaformer_lab.overrides import register_resolvers
 from metaformer_lab.record import RECORD_NAME, read_record
-from metaformer_lab.registry import ConfigError
+from metaformer_lab.registry import ConfigError, did_you_mean
 from metaformer_lab.training.loggers import route_library_output, shown_path
 from metaformer_lab.training.module import ImageClassifier
 
@@ -200,7 +201,8 @@ def apply_overrides(cfg: DictConfig, overrides: dict[str, str]) -> DictConfig:
     valid = [f"data.{key}" for key in cfg.data if key not in TRAIN_ONLY] + [f"trainer.{key}" for key in TRAINER_KEYS]
     for key, value in overrides.items():
         if key not in valid:
-            raise ConfigError(key, value, "not a setting of evaluation; valid: model, " + ", ".join(valid))
+            raise ConfigError(key, value, f"not a setting of evaluation; {did_you_mean(key, valid)}valid: model, "
+                              + ", ".join(valid))  # fmt: skip
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}" for key, value in overrides.items()]))
 
 

@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -31,24 +28,21 @@ from metaformer_lab.config import (
     build_datamodule,
     build_model,
     build_optim,
-    check_group_syntax,
     limited_batches,
     model_arguments,
     per_stage_groups,
     process_count,
-    register_resolvers,
-    run_name,
     schedule_label,
     train_batches_per_epoch,
     trainer_arguments,
 )  # fmt: skip
+from metaformer_lab.overrides import check_command_line, compose_raw, sweep_jobs, without_null_groups
 from metaformer_lab.profile import measure_throughput
 from metaformer_lab.record import FINAL, RECORD_NAME, read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.module import OptimSettings
 from metaformer_lab.training.start import config_changes
 
-CONF = Path(__file__).parents[1] / "conf"
 MEASURE_BATCH = 32  # enough to be representative, small enough to be quick
 
 
@@ -85,20 +79,16 @@ class CheckedJob:
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """The jobs `python run.py -m <overrides>` would launch, each as its list of overrides."""
-    parser = OverridesParser.create()
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-    params = [f"{key}={value}" for key, value in (compose_job(fixed)[2] or {}).items()]
-    jobs = BasicSweeper.split_arguments(parser.parse_overrides(params + overrides), None)
-    return [list(job) for batch in jobs for job in batch]
+    """The jobs `python run.py -m <overrides>` would launch, each as its list of overrides (checked as run.py checks
+    its command line: every group choice and key exists)."""
+    check_command_line(overrides, multirun=True)
+    return sweep_jobs(without_null_groups(overrides))
 
 
 def compose_job(job: list[str]) -> tuple[DictConfig, str, DictConfig | None]:
     """A job's config (as `run.py` trains it), the run directory `run.py -m` gives it, and the sweep's params."""
-    register_resolvers()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=job, return_hydra_config=True)
-    run_dir = str(Path(cfg.hydra.sweep.dir) / run_name(cfg.hydra.job.override_dirname))
+    cfg = compose_raw(job)
+    run_dir = str(Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir)
     with open_dict(cfg):
         params = cfg.hydra.sweeper.params
         del cfg["hydra"]
@@ -269,7 +259,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     device = torch.device(args.device)
     try:
-        check_group_syntax(args.overrides)
         jobs = check_jobs(args.overrides)
     except (ConfigError, HydraException) as error:
         parser.exit(2, f"error: {error}\n")

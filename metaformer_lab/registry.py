@@ -6,6 +6,7 @@ decorated class in that axis's module; nothing else looks names up.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +21,12 @@ class ConfigError(ValueError):
             expected = "valid choices: " + ", ".join(expected)
         self.key, self.value, self.expected = key, value, expected
         super().__init__(f"{key}={value!r}: {expected}")
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """"did you mean X? " for the choice closest to a mistyped `word`, or "" where none is close."""
+    found = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"did you mean {found[0]}? " if found else ""
 
 
 class Registry(Generic[T]):
@@ -41,7 +48,8 @@ class Registry(Generic[T]):
     def get(self, name: str, key: str | None = None) -> T:
         """The entry called `name`; `key` names the setting in the error (defaults to the axis)."""
         if name not in self._entries:
-            raise ConfigError(key or self.key, name, self.names())
+            raise ConfigError(key or self.key, name, did_you_mean(name, self.names()) + "valid choices: "
+                              + ", ".join(self.names()))  # fmt: skip
         return self._entries[name]
 
     def names(self) -> list[str]:

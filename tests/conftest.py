@@ -9,7 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from metaformer_lab.config import per_stage_groups, register_resolvers
+from metaformer_lab.config import per_stage_groups
+from metaformer_lab.overrides import register_resolvers
 from metaformer_lab.record import RunRecord, read_record
 
 ROOT = Path(__file__).parents[1]

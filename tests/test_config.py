@@ -13,11 +13,11 @@ from metaformer_lab.config import (
     build_model,
     build_optim,
     resolve_device,
-    run_name,
     schedule_label,
     trainer_arguments,
 )
 from metaformer_lab.models import measure_cost
+from metaformer_lab.overrides import check_command_line, run_name
 from metaformer_lab.record import read_record
 from metaformer_lab.registry import ConfigError
 
@@ -103,34 +103,93 @@ def test_bad_settings_name_key_value_and_choices(override, key, words):
 
 
 BAD_OVERRIDES = {
-    "mixer=poolng": "Could not find 'mixer/poolng'",
+    "mixer=poolng": "error: mixer='poolng': no such mixer; did you mean pooling? valid choices: attention, ",
+    "mixer=[pooling,identity,poolng,identity]": "error: mixer='poolng': no such mixer; did you mean pooling?",
     "mixer.stages=[pooling,attention]": "error: mixer.stages=['pooling', 'attention']: a per-stage list needs 4",
     "mixer.pool_size=4": "error: mixer.pool_size=4: an odd positive integer",
     "optim.base_lr=-1": "error: optim.base_lr=-1: a positive number",
     "+trainer.fast_dev_rn=true": "error: trainer.fast_dev_rn=True: not an argument of lightning.Trainer",
-    # the form Hydra suggests for a missing key: the key exists now, and Hydra says how to set it
-    "+trainer.fast_dev_run=true": "Either remove + prefix: 'trainer.fast_dev_run=true'",
+    "+trainer.fast_dev_run=true": "error: +trainer.fast_dev_run='true': trainer.fast_dev_run exists; set it without "
+    "'+': trainer.fast_dev_run=true",
     # the form of earlier versions: said plainly, instead of Hydra's "Multiple values for experiment"
     "+experiment=t5_identity": "error: +experiment='t5_identity': choose it without '+': experiment=t5_identity",
+    # a group choice that names no file: Hydra would skip it (the group is optional) and train the default
+    "debug=quik": "error: debug='quik': no such debug; did you mean quick? valid choices: quick, null",
+    "experiment=t5_identty trainer.fast_dev_run=true": "error: experiment='t5_identty': no such experiment; did you "
+    "mean t5_identity? valid choices: baselines_caformer_b36,",
+    "proxy=tabel5": "error: proxy='tabel5': no such proxy; did you mean table5? valid choices: table5, null",
+    "-m sweep=tabel5 debug=quick": "error: sweep='tabel5': no such sweep; did you mean table5? valid choices: ",
+    "-m experiment=t5_identity,t5_idenity": "error: experiment='t5_idenity': no such experiment; did you mean "
+    "t5_identity?",
+    # an unknown key: Hydra would say to add it with `+`, which only leads to another error
+    "optim.lrr=1": "error: optim.lrr=1: optim has no key lrr; valid keys of optim: optimizer, base_lr,",
+    "data.root=/nope": "error: data.root='/nope': data=shapes has no key root; data=imagefolder, data=imagenet take "
+    "data.root; valid keys of data: name, image_size,",
+    "model.dpeths=[1,1,1,1]": "error: model.dpeths=[1, 1, 1, 1]: model=small has no key dpeths; did you mean depths?",
+    "trainer.max_step=20": "did you mean max_steps? valid keys of trainer: accelerator,",
+    "-m data.root=/x": "data=shapes has no key root; data=imagefolder, data=imagenet take data.root",
 }
 
 
 @pytest.fixture(scope="module")
 def bad_override_runs(tmp_path_factory):
-    cases = {override: [override, "logger=csv"] for override in BAD_OVERRIDES}
+    cases = {command: [*command.split(), "logger=csv"] for command in BAD_OVERRIDES}
     return run_cli_many(cases, tmp_path_factory.mktemp("bad_overrides"))
 
 
-@pytest.mark.parametrize("override", BAD_OVERRIDES)
-def test_bad_overrides_fail_before_training_without_a_traceback(bad_override_runs, override):
-    result = bad_override_runs[override]
-    assert result.returncode != 0 and BAD_OVERRIDES[override] in result.stderr
+@pytest.mark.parametrize("command", BAD_OVERRIDES)
+def test_bad_overrides_fail_before_training_without_a_traceback(bad_override_runs, command):
+    result = bad_override_runs[command]
+    assert result.returncode != 0 and BAD_OVERRIDES[command] in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line: the error
     assert "Traceback" not in result.stderr and "Epoch" not in result.stderr + result.stdout
-    if override == "mixer=poolng":  # Hydra's own message lists the choices
-        assert "Available options in 'mixer'" in result.stderr and "identity" in result.stderr
     # a run that never started leaves nothing behind: no record, no directory, no row in any table
     runs = result.cwd / "runs"
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_a_sweep_file_choosing_a_missing_group_file_fails_when_composed():
+    # not `optional` in the defaults list: a choice that names no file fails wherever the config is composed
+    # (a sweep file's params, the compose API), not only where run.py checks the command line
+    from hydra.errors import MissingConfigException
+
+    for override in ("debug=quik", "experiment=t5_identty", "proxy=tabel5", "sweep=tabel5", "launcher=slrum"):
+        with pytest.raises(MissingConfigException):
+            compose_config(override)
+
+
+def test_null_chooses_no_config_as_the_default_does():
+    from metaformer_lab.overrides import without_null_groups
+
+    assert without_null_groups(["debug=null", "experiment=t5_identity", "seed=1"]) == [
+        "~debug", "experiment=t5_identity", "seed=1"]  # fmt: skip
+    assert compose_config("~debug") == compose_config()
+    with pytest.raises(ConfigError, match="null cannot be one of a sweep's choices"):
+        check_command_line(["debug=null,quick"], multirun=True)
+
+
+def test_plan_refuses_a_mistyped_sweep(capsys):
+    from metaformer_lab.plan import main as plan_main
+
+    with pytest.raises(SystemExit) as stop:
+        plan_main(["sweep=tabel5"])
+    assert stop.value.code == 2
+    assert "error: sweep='tabel5': no such sweep; did you mean table5?" in capsys.readouterr().err
+
+
+def test_same_settings_give_the_same_directory_with_and_without_multirun(tmp_path):
+    single = ["trainer.fast_dev_run=true", "optim.base_lr=1e-3", "mixer=[pooling, identity,pooling,identity]"]
+    multi = ["-m", "trainer.fast_dev_run=True", "optim.base_lr=0.001", "mixer=[pooling,identity,pooling,identity]"]
+    quick = ["data.train_size=128", "data.val_size=64", "model.depths=[1,1,1,1]", "logger=csv", "trainer=cpu"]
+    runs = run_cli_many({"single": [*single, *quick], "multi": [*multi, *quick]}, tmp_path)
+    names = {}
+    for case, result in runs.items():
+        assert result.returncode == 0, result.stderr[-2000:]
+        names[case] = [p.parent.name for p in (result.cwd / "runs").rglob("result.json")]
+    assert names["single"] == names["multi"] == [
+        "data.train_size=128,data.val_size=64,mixer=[pooling,identity,pooling,identity],model.depths=[1,1,1,1],"
+        "optim.base_lr=0.001,trainer.fast_dev_run=true,trainer=cpu"
+    ]
 
 
 def test_help_explains_this_project(tmp_path):
@@ -148,11 +207,15 @@ def test_full_error_shows_the_traceback_when_asked(tmp_path):
 
 
 def test_run_directory_is_derived_from_the_overrides():
-    assert run_name("") == "default"
-    assert run_name("mixer=identity,norm=layernorm") == "mixer=identity,norm=layernorm"
-    assert run_name("data.root=/a/b") == "data.root=_a_b"
-    long = run_name("x" * 300)
-    assert len(long) < 200 and long != run_name("x" * 299)
+    assert run_name([]) == "default"
+    assert run_name(["norm=layernorm", "mixer=identity"]) == "mixer=identity,norm=layernorm"
+    assert run_name(["data.root=/a/b"]) == "data.root=_a_b"
+    assert run_name(["seed=1", "logger=csv", "~debug"], exclude_keys=["logger"]) == "seed=1"  # ~debug: the default
+    assert run_name(["trainer.compile=True", "optim.lr=1e-3", "x=[a, 1.0e-2]"]) == run_name(
+        ["trainer.compile=true", "optim.lr=0.001", "x=[a,0.01]"]) == "optim.lr=0.001,trainer.compile=true,x=[a,0.01]"
+    assert run_name(["+model.x=1"]) == "+model.x=1"
+    long = run_name(["x=" + "y" * 300])
+    assert len(long) < 200 and long != run_name(["x=" + "y" * 299])
 
 
 def test_lightning_setup_errors_are_config_errors_that_leave_no_record(tmp_path):
@@ -270,10 +333,10 @@ def test_one_epoch_alone_works_and_the_warmup_cap_is_said():
     optim = build_optim(compose_config("optim.epochs=1"))
     assert optim.warmup == 0.1 and optim.lr_at(0.1 - 1e-9) == pytest.approx(optim.lr)
     assert optim.lr_at(0.1) == pytest.approx(optim.lr, rel=0.03) and optim.lr_at(1) == optim.min_lr
-    assert "optim.warmup_epochs=1 would take all of optim.epochs=1" in optim.describe()
+    assert "optim.warmup_epochs=1 would take all of optim.epochs=1" in optim.describe(156, 156)
     assert build_optim(compose_config("optim.epochs=4")).warmup == 1  # a warmup shorter than the run is kept
     paper = build_optim(compose_config("experiment=t5_identity", "data.root=/x", "optim.epochs=30"))
-    assert paper.total_epochs == 40 and "then 10 cooldown ep at min_lr = 40 ep" in paper.describe()
+    assert paper.total_epochs == 40 and "then 10 cooldown ep at min_lr = 40 ep" in paper.describe(400, 10)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

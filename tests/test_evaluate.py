@@ -137,10 +137,12 @@ def test_bad_inputs_are_errors_that_name_the_key(official, jpegs, tmp_path):
     plain = official["plain"]
     cases = [
         (tmp_path / "missing.pth", [], r"checkpoint='.*missing.pth': no such file"),
-        (plain, ["model=poolformer_s13"], r"model='poolformer_s13': valid choices: caformer_b36, .*poolformer_s"),
+        (plain, ["model=poolformer_s13"],
+         r"model='poolformer_s13': did you mean poolformer_s\d\d\? valid choices: caformer_b36, .*poolformer_s"),
         (plain, ["model=poolformer_s24"], r"model='poolformer_s24': the checkpoint's weights do not fit this model "
                                           r"\(missing: network.0.2.layer_scale_1"),
-        (plain, ["data.rot=/x"], r"data.rot='/x': not a setting of evaluation; valid: model, data.name, data.root, "),
+        (plain, ["data.rot=/x"],
+         r"data.rot='/x': not a setting of evaluation; did you mean data.root\? valid: model, data.name, "),
         (plain, ["optim.lr=1"], r"optim.lr='1': not a setting of evaluation"),
         (plain, ["data.root"], r"data.root=None: a setting is key=value"),
         (plain, [], r"data.root=None: required: an image folder"),

@@ -194,7 +194,7 @@ def test_any_input_size_divisible_by_32(size):
 
 def test_unknown_mixer_lists_valid_names():
     valid = "attention, attention_nobias, dwconv, identity, pooling, random, sepconv, spatial_fc"
-    with pytest.raises(ConfigError, match=rf"mixer='poolin': valid choices: {valid}$"):
+    with pytest.raises(ConfigError, match=rf"mixer='poolin': did you mean pooling\? valid choices: {valid}$"):
         MetaFormer(**TINY, mixer="poolin")
 
 

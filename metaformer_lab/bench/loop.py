@@ -102,16 +102,19 @@ class BareLoop:
 
 
 def bench_loop(overrides: list[str], steps: int, rounds: int) -> dict[str, Any]:
+    from metaformer_lab.overrides import check_command_line, without_null_groups
     from metaformer_lab.plan import compose_job
 
-    cfg = compose_job(overrides)[0]
+    check_command_line(overrides)
+    cfg = compose_job(without_null_groups(overrides))[0]
     torch.manual_seed(cfg.seed)
     optim, datamodule = build_optim(cfg), build_datamodule(cfg)
     datamodule.setup("fit")
     trainer_args = resolve_device(cfg.trainer)
     model = build_model(cfg, datamodule.num_classes)
     module = ImageClassifier(
-        model, optim, datamodule.num_classes, trainer_args["channels_last"], datamodule.random_erasing
+        model, optim, datamodule.num_classes, trainer_args["channels_last"], datamodule.random_erasing,
+        schedule_steps=steps,  # each Lightning pass
     )
     if trainer_args["precision"] != "32" or trainer_args["accelerator"] != "cpu":
         raise ConfigError("trainer", f"{trainer_args['accelerator']} {trainer_args['precision']}",

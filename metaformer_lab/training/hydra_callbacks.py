@@ -29,7 +29,8 @@ GOOD = ("completed",)
 
 
 def report_job(run_dir: str | Path, status: str, detail: str | None = None, earlier: bool = False) -> None:
-    """One job's outcome, for the sweep's summary: a record's status, or `refused` (a bad setting)."""
+    """One job's outcome, for the sweep's summary: a record's status, `refused` (a bad setting) or `skipped` (another
+    process is running it)."""
     ranks = cluster_ranks()
     if (path := os.environ.get(LEDGER)) and (ranks is None or ranks.rank == 0):  # under SLURM every rank is a job
         line = {"run_dir": shown_path(run_dir), "status": status, "detail": detail, "earlier": earlier}
@@ -45,7 +46,7 @@ class JobsReport(Callback):
         _check_writable("hydra.run.dir", Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from metaformer_lab.plan import expand_sweep  # only a sweep pays for it
+        from metaformer_lab.overrides import sweep_jobs  # run.py has checked the command line
 
         _check_writable("hydra.sweep.dir", Path(config.hydra.sweep.dir))
         folder = Path(config.hydra.sweep.dir) / ".sweeps"
@@ -55,7 +56,7 @@ class JobsReport(Callback):
         os.environ[LEDGER] = str(self.ledger)
         hydra_state = Singleton.get_state()  # composing below would rename the jobs ("app", the compose API's name)
         try:
-            self.expected: int | None = len(expand_sweep(list(config.hydra.overrides.task)))
+            self.expected: int | None = len(sweep_jobs(list(config.hydra.overrides.task)))
         except Exception:  # a sweep this cannot expand (another sweeper): the summary counts what reported
             self.expected = None
         finally:
@@ -81,6 +82,8 @@ def summarize(jobs: list[dict], expected: int | None) -> tuple[list[str], bool]:
     parts = [f"{counts[s]} {s}" for s in ("completed", "diverged", "failed", "interrupted", "refused") if counts[s]]
     if earlier:
         parts.append(f"{earlier} of them finished before (skipped)")
+    if counts["skipped"]:
+        parts.append(f"{counts['skipped']} skipped (already running)")
     if missing > 0:
         parts.append(f"{missing} ended without a report (killed?)")
     total = expected if expected is not None else len(jobs)
