@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -113,20 +114,74 @@ def build_optim(cfg: DictConfig) -> OptimSettings:
     return OptimSettings(**checked_arguments(OptimSettings, _plain(cfg.optim), "optim"))
 
 
+# `trainer.channels_last: auto`: the memory format `python -m metaformer_lab.bench model` measured faster on each
+# kind of device (the model's MLP wants NHWC; nn.GroupNorm's CUDA kernels convert to NCHW and back, its CPU one not)
+CHANNELS_LAST_FASTER = {
+    "cpu": True,  # bench model poolformer_s12, 2026-11-27, 2-core Xeon, torch 2.13: NHWC pooling a tenth of NCHW's
+    "gpu": False,  # not yet measured on a GPU: python -m metaformer_lab.bench gpu
+}
+
+
+def _auto_or_bool(trainer: Mapping[str, Any], key: str, auto: bool) -> bool:
+    value = trainer[key]
+    if value == "auto":
+        return auto
+    if not isinstance(value, bool):
+        raise ConfigError(f"trainer.{key}", value, "auto, true or false")
+    return value
+
+
+def gpu_capability() -> tuple[int, int]:
+    """Compute capability of the GPU this process will train on: its local rank's (LOCAL_RANK from torchrun and
+    Lightning's DDP launcher, SLURM_LOCALID under srun), else the first visible one. Read from the device's
+    properties, which creates no CUDA context: Lightning has not yet set each rank's device, and anything that
+    allocates here would open a context on cuda:0 in every rank."""
+    index = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    properties = torch.cuda.get_device_properties(index if index < torch.cuda.device_count() else 0)
+    return properties.major, properties.minor
+
+
 def resolve_device(trainer: Mapping[str, Any]) -> dict[str, Any]:
-    """`trainer` with `auto` accelerator, precision and channels_last decided for this machine: one GPU if there is
-    one (bf16-mixed where it supports it), else the CPU in fp32; NHWC on both (the faster layout on each, measured
-    by `python -m metaformer_lab.bench model`). Explicit choices are kept."""
+    """`trainer` with its `auto` choices decided for this machine. Explicit choices are kept.
+
+    - accelerator: one GPU if there is one, else the CPU;
+    - precision: on a GPU bf16-mixed from compute capability 8.0 (Ampere) on, 16-mixed before it (where bf16 is
+      only emulated); 32 on the CPU;
+    - channels_last: the layout measured faster on this kind of device (CHANNELS_LAST_FASTER);
+    - tf32: fp32 matrix products and convolutions on TF32 tensor cores on a GPU (`tf32_enabled`), off on the CPU;
+    - benchmark (Lightning's, cuDNN autotuning): on for a GPU, where every batch has the same size, unless the run
+      is deterministic.
+    """
     resolved = dict(trainer)
     if resolved["accelerator"] == "auto":
         resolved["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
     on_gpu = resolved["accelerator"] in ("gpu", "cuda")
-    if resolved["precision"] == "auto":
-        resolved["precision"] = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32"
+    if resolved["precision"] == "auto":  # a GPU that torch cannot see is for Lightning's setup to report
+        bf16 = on_gpu and torch.cuda.is_available() and gpu_capability() >= (8, 0)
+        resolved["precision"] = "bf16-mixed" if bf16 else "16-mixed" if on_gpu else "32"
     resolved["precision"] = str(resolved["precision"])  # `trainer.precision=32` arrives as an int
-    if resolved["channels_last"] == "auto":
-        resolved["channels_last"] = True
+    kind = "gpu" if on_gpu else resolved["accelerator"]
+    resolved["channels_last"] = _auto_or_bool(resolved, "channels_last", CHANNELS_LAST_FASTER.get(kind, False))
+    resolved["tf32"] = _auto_or_bool(resolved, "tf32", on_gpu)
+    if resolved["benchmark"] is not None:  # None: Lightning leaves torch's setting as it is
+        resolved["benchmark"] = _auto_or_bool(resolved, "benchmark", on_gpu and not resolved.get("deterministic"))
     return resolved
+
+
+@contextlib.contextmanager
+def tf32_enabled(enabled: bool) -> Iterator[None]:
+    """Within the block, fp32 matrix products and convolutions on TF32 tensor cores (Ampere and later: inputs
+    rounded to 10 mantissa bits, fp32 sums), or both in strict fp32; the previous settings after it. torch's defaults
+    split them (convolutions TF32, matrix products not): in fp32 the channel MLP's F.linear, most of S12's FLOPs,
+    would be the slow path where the official 1x1 convolutions are fast."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def device_count(trainer: Mapping[str, Any]) -> int:
@@ -176,7 +231,8 @@ _RUN_SETS = {
     "use_distributed_sampler": "the data module (its sampler is seeded by `seed`)",
     "plugins": "the run (atomic checkpoint writes)",
 }  # fmt: skip
-_OUR_TRAINER_KEYS = ("compile", "channels_last", "dist_bn", "save_every_minutes")  # not Lightning's: applied by the run
+# not Lightning's: applied by the run
+_OUR_TRAINER_KEYS = ("compile", "channels_last", "tf32", "dist_bn", "save_every_minutes")
 DIST_BN = ("reduce", "broadcast", "none")
 
 

@@ -16,8 +16,8 @@ The model and data come from:
   official release's crop_pct (`presets.EVAL_CROP_PCT`);
 - `model=<preset>` always wins; the data is then that of any other file.
 `key=value` sets `data.<key>` (root, image_size, crop_pct, batch_size, num_workers, ...) and `trainer.accelerator`,
-`trainer.precision`, `trainer.channels_last` (auto: one GPU in bf16-mixed where there is one, else the CPU in fp32;
-NHWC on both).
+`trainer.precision`, `trainer.channels_last`, `trainer.tf32`, `trainer.benchmark` (auto: as a run chooses them,
+`config.resolve_device`: one GPU where there is one, else the CPU).
 Evaluation is training's own validation (Lightning's validate, the same LightningModule and data module), so a run's
 best.ckpt gives its record's best_val_top1 exactly (same machine, same code). Unreadable images are skipped and
 counted. The JSON goes to --out, else to `<run_dir>/evaluation.json` for a run's checkpoint, else to
@@ -44,7 +44,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from metaformer_lab.config import build_datamodule, build_model, resolve_device
+from metaformer_lab.config import build_datamodule, build_model, resolve_device, tf32_enabled
 from metaformer_lab.models import PRESETS, MetaFormer, create_model
 from metaformer_lab.models.convert import Converted, convert_checkpoint
 from metaformer_lab.models.presets import EVAL_CROP_PCT
@@ -55,7 +55,8 @@ from metaformer_lab.training.loggers import route_library_output, shown_path
 from metaformer_lab.training.module import ImageClassifier
 
 CONF = Path(__file__).parents[1] / "conf"
-TRAINER_KEYS = ("accelerator", "precision", "channels_last")  # the trainer settings evaluation uses
+# the trainer settings evaluation uses
+TRAINER_KEYS = ("accelerator", "precision", "channels_last", "tf32", "benchmark")
 TRAIN_ONLY = ("train_size", "rand_augment", "random_erasing")  # data settings that change nothing in validation
 # a run's checkpoint -> the record's top-1 of the same weights
 RECORD_TOP1 = {"best.ckpt": "best_val_top1", "last.ckpt": "final_val_top1"}
@@ -250,14 +251,16 @@ def evaluate(checkpoint: str | Path, overrides: Sequence[str] = ()) -> Evaluatio
     device = resolve_device({key: "auto" for key in TRAINER_KEYS} | OmegaConf.to_container(cfg.trainer, resolve=True))
     try:
         trainer = L.Trainer(
-            accelerator=device["accelerator"], precision=device["precision"], devices=1, logger=False,
-            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=sys.stderr.isatty(),
+            accelerator=device["accelerator"], precision=device["precision"], benchmark=device["benchmark"], devices=1,
+            logger=False, enable_checkpointing=False, enable_model_summary=False,
+            enable_progress_bar=sys.stderr.isatty(),
         )  # fmt: skip
     except Exception as error:  # Lightning's own checks: no GPU here, a precision this device lacks
         settings_text = f"accelerator={device['accelerator']} precision={device['precision']}"
         raise ConfigError("trainer", settings_text, f"Lightning cannot set this up: {error}") from None
     module = ImageClassifier(model, None, num_classes, device["channels_last"])
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    with tf32_enabled(device["tf32"]):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
     unreadable = sorted(datamodule.unreadable["val"])
     root_device = trainer.strategy.root_device

@@ -6,7 +6,9 @@ Takes the same overrides as `python run.py -m`, expands the sweep as Hydra's bas
 run's config (an error stops the plan before anything is measured), looks for each run's directory (completed runs
 cost nothing, interrupted ones only their remaining epochs), counts the epochs and optimizer steps each run will
 take as Lightning does (cooldown, max_steps, limit_*_batches, fast_dev_run, accumulation, devices x nodes), and
-times a few training steps of each distinct model on this machine's device. Rows print as they are measured.
+times a few training steps of each distinct model on this machine's device as the run would train there: in the
+precision, memory format and TF32 setting it resolves for that device (`trainer.precision=auto` is bf16-mixed on a
+recent GPU), with fused AdamW, uncompiled. Rows print as they are measured.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Any
 import torch
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
+from metaformer_lab.bench.model import PRECISIONS, Variant
+from metaformer_lab.bench.timing import rate, time_rounds
 from metaformer_lab.config import (
     accumulation,
     build_datamodule,
@@ -32,18 +37,19 @@ from metaformer_lab.config import (
     model_arguments,
     per_stage_groups,
     process_count,
+    resolve_device,
     schedule_label,
+    tf32_enabled,
     train_batches_per_epoch,
     trainer_arguments,
 )  # fmt: skip
 from metaformer_lab.overrides import check_command_line, compose_raw, sweep_jobs, without_null_groups
-from metaformer_lab.profile import measure_throughput
 from metaformer_lab.record import FINAL, RECORD_NAME, read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.module import OptimSettings
 from metaformer_lab.training.start import config_changes
 
-MEASURE_BATCH = 32  # enough to be representative, small enough to be quick
+MEASURE_BATCH = 32  # on a CPU: enough to be representative, small enough to be quick (a GPU times the run's batch)
 
 
 @dataclass
@@ -180,6 +186,9 @@ def check_jobs(overrides: list[str]) -> list[CheckedJob]:
         datamodule = build_datamodule(cfg)
         build_model(cfg, datamodule.num_classes, device="meta")  # its checks, without the memory
         trainer = trainer_arguments(cfg, accumulation(cfg, optim))
+        if trainer["precision"] not in PRECISIONS:  # Lightning takes others ("bf16-true", "64"): not timed here
+            raise ConfigError("trainer.precision", trainer["precision"], "auto or one that plan can time: "
+                              + ", ".join(PRECISIONS))  # fmt: skip
         resume = unfinished and (cfg.resume is not None or (Path(run_dir) / "checkpoints" / "last.ckpt").exists())
         state = "new" if previous is None else "resume" if resume else "rerun"
         data_key = repr(OmegaConf.to_container(cfg.data))
@@ -199,20 +208,50 @@ def check_jobs(overrides: list[str]) -> list[CheckedJob]:
     return checked
 
 
+def training_settings(cfg: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The job's trainer settings as its run would resolve them on a machine whose device is `device`'s kind:
+    precision, channels_last, tf32, benchmark."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return resolve_device(trainer | {"accelerator": "gpu" if device.type == "cuda" else device.type})
+
+
+def timing_key(job: CheckedJob, device: torch.device) -> str:
+    """Jobs that train the same model on the same input in the same way are timed once."""
+    settings = training_settings(job.cfg, device)
+    return repr((job.model_key, *(settings[key] for key in ("precision", "channels_last", "tf32"))))
+
+
+def measure_throughput(
+    model: nn.Module, image_size: int, batch: int, settings: dict[str, Any], device: torch.device, steps: int
+) -> tuple[float, float]:
+    """(training step, eval forward) img/s of `model` on `device` as its run trains it (`settings`: its resolved
+    trainer): in its precision (autocast, a GradScaler for 16-mixed), memory format and TF32 setting, with fused
+    AdamW, as bench model's variant of this project; `steps` timed of each after one."""
+    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, 2, (batch,), device=device)
+    variant = Variant(model.to(device), images, labels, settings["precision"], settings["channels_last"], False, True)
+    if settings["benchmark"] is not None:
+        torch.backends.cudnn.benchmark = settings["benchmark"]  # as Lightning sets it for the run
+    with tf32_enabled(settings["tf32"]):
+        times = time_rounds({"train": variant.train_step, "inference": variant.infer}, seconds=0, min_rounds=steps)
+    return rate(times["train"], batch).images_per_s, rate(times["inference"], batch).images_per_s
+
+
 def estimate(jobs: list[CheckedJob], device: torch.device, measure_steps: int = 3) -> Iterator[PlannedRun]:
     """The jobs' runs with measured throughput and time, one at a time as each is measured."""
-    speeds: dict[str, tuple[float, float]] = {}  # model key -> (train, forward) img/s
+    speeds: dict[str, tuple[float, float]] = {}  # timing key -> (train, forward) img/s
     for job in jobs:
         if job.cfg is None:
             yield job.run
             continue
-        if job.model_key not in speeds:
+        key = timing_key(job, device)
+        if key not in speeds:
             model = build_model(job.cfg, build_datamodule(job.cfg).num_classes)
-            batch = min(job.cfg.data.batch_size, MEASURE_BATCH)
-            speed = measure_throughput(model, job.cfg.data.image_size, batch, device, steps=measure_steps, warmup=1)
-            speeds[job.model_key] = (speed.train_step_img_s, speed.forward_img_s)
+            batch = job.cfg.data.batch_size if device.type == "cuda" else min(job.cfg.data.batch_size, MEASURE_BATCH)
+            settings = training_settings(job.cfg, device)
+            speeds[key] = measure_throughput(model, job.cfg.data.image_size, batch, settings, device, measure_steps)
             del model
-        train_speed, forward_speed = speeds[job.model_key]
+        train_speed, forward_speed = speeds[key]
         seconds = None
         if job.work is not None:
             seconds = job.work.train_images / train_speed + job.work.val_images / forward_speed
@@ -263,9 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, HydraException) as error:
         parser.exit(2, f"error: {error}\n")
     pending = [job for job in jobs if job.cfg is not None]
-    models = len({job.model_key for job in pending})
+    models = len({timing_key(job, device) for job in pending})
+    batch = "the run's batch" if device.type == "cuda" else f"batch <= {MEASURE_BATCH}"
     print(f"{len(jobs)} runs ({len(pending)} to run, {len(jobs) - len(pending)} done); timing {models} distinct "
-          f"model{'s' * (models != 1)} on {_device_name(device)}, fp32, batch <= {MEASURE_BATCH}, "
+          f"model{'s' * (models != 1)} on {_device_name(device)} in each run's precision and layout, {batch}, "
           f"{args.steps} timed step{'s' * (args.steps != 1)} each")  # fmt: skip
     print(ROW.format("state", "epochs", "steps", "train img/s", "time", "schedule", "run directory"), flush=True)
     runs = []

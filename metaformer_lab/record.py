@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 5  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
-#                   4: cuda_visible_devices; 5: data_wait_fraction, first_step_s
+SCHEMA_VERSION = 6  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
+#                   4: cuda_visible_devices; 5: data_wait_fraction, first_step_s;
+#                   6: channels_last, tf32, cudnn_benchmark
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -60,6 +61,10 @@ class RunRecord:
     accelerator: str = ""  # "cpu" or "gpu", as resolved (trainer.accelerator=auto picks one)
     device_name: str = ""  # e.g. "cpu" or "NVIDIA H100 80GB HBM3"
     precision: str = ""  # as resolved: "32", "bf16-mixed", "16-mixed"
+    # as resolved (trainer.channels_last, trainer.tf32, trainer.benchmark: auto chooses per device); None: older record
+    channels_last: bool | None = None  # NHWC memory format
+    tf32: bool | None = None  # fp32 matrix products and convolutions on TF32 tensor cores
+    cudnn_benchmark: bool | None = None  # cuDNN autotuning (None also where the run left torch's setting as it was)
     world_size: int = 1  # processes (devices x nodes)
     cuda_visible_devices: str | None = None  # the GPUs the run was given (launcher=gpus pins one group per job)
     # cost, in the paper's convention (see models/counting.py)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
@@ -40,12 +40,15 @@ from metaformer_lab.config import (
     resolve_device,
     run_axes,
     schedule_label,
+    tf32_enabled,
     trainer_arguments,
 )
+from metaformer_lab.data.datamodules import ImageDataModule
 from metaformer_lab.models import measure_cost
 from metaformer_lab.record import RECORD_NAME, RunRecord, unwritable, write_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.callbacks import (
+    ProgressBar,
     ResumableRng,
     SaveEvery,
     ShareBatchNormStats,
@@ -110,6 +113,7 @@ def _train(cfg: DictConfig, run_dir: Path, config: dict, begin: Start, callbacks
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule.num_classes)
     trainer_args = trainer_arguments(cfg, accumulation(cfg, optim))
+    resolved = resolve_device(cfg.trainer)  # our keys among them (channels_last, tf32), which the Trainer does not take
     for key, value in run_axes(cfg, model).items():
         setattr(record, key, value)
     cost = measure_cost(model, cfg.data.image_size)
@@ -118,6 +122,8 @@ def _train(cfg: DictConfig, run_dir: Path, config: dict, begin: Start, callbacks
     datamodule.setup("fit")  # the data's own checks (an image folder's layout) before anything is written
     record.schedule, record.train_images = schedule_label(optim, trainer_args), len(datamodule.train)
     record.accelerator, record.precision = trainer_args["accelerator"], trainer_args["precision"]
+    record.channels_last, record.tf32 = resolved["channels_last"], resolved["tf32"]
+    record.cudnn_benchmark = trainer_args["benchmark"]
     record.git_commit = _git_commit()
 
     checkpoints = run_dir / "checkpoints"
@@ -144,24 +150,25 @@ def _train(cfg: DictConfig, run_dir: Path, config: dict, begin: Start, callbacks
             for folder in (checkpoints, run_dir / "csv"):
                 shutil.rmtree(folder, ignore_errors=True)
         write_record(run_dir, record)
-        _log_start(cfg, record, optim, trainer, steps, ckpt_path)
+        _log_start(cfg, record, optim, trainer, steps, ckpt_path, datamodule)
     if trainer.world_size > 1:  # each rank its own stream (drop path, mixup), as timm seeds rank r with seed + r
         L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if cfg.trainer.compile:  # true (inductor) or a backend name; in place, so checkpoint keys stay the plain model's
         model.compile(backend="inductor" if cfg.trainer.compile is True else cfg.trainer.compile)
-    channels_last = resolve_device(cfg.trainer)["channels_last"]
     module = ImageClassifier(
-        model, optim, datamodule.num_classes, channels_last, datamodule.random_erasing, schedule_steps=steps[0]
-    )
+        model, optim, datamodule.num_classes, resolved["channels_last"], datamodule.random_erasing,
+        schedule_steps=steps[0],
+    )  # fmt: skip
     status, error = "failed", "stopped by an unexpected signal"  # replaced below on every ordinary exit
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        if not history.validated_at(trainer.global_step):  # stopped between validations (max_steps, max_time)
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-            if not trainer.fast_dev_run:  # the checkpoints hold the weights the record's numbers were measured on
-                trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # all of it: it resumes
-                if history.best() is history.history[-1]:
-                    trainer.save_checkpoint(checkpoints / "best.ckpt", weights_only=False)
+        with tf32_enabled(resolved["tf32"]):  # restored after: a sweep's next run in this process chooses its own
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            if not history.validated_at(trainer.global_step):  # stopped between validations (max_steps, max_time)
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+                if not trainer.fast_dev_run:  # the checkpoints hold the weights the record's numbers were measured on
+                    trainer.save_checkpoint(checkpoints / "last.ckpt", weights_only=False)  # all of it: it resumes
+                    if history.best() is history.history[-1]:
+                        trainer.save_checkpoint(checkpoints / "best.ckpt", weights_only=False)
         status, error = "completed", None
     except DivergedError as diverged:
         status, error = "diverged", str(diverged)
@@ -264,7 +271,7 @@ def _count(number: float, unit: str) -> str:
 
 def _log_start(
     cfg: DictConfig, record: RunRecord, optim: OptimSettings, trainer: L.Trainer, steps: tuple[int, int],
-    ckpt: str | None,
+    ckpt: str | None, datamodule: ImageDataModule,
 ) -> None:  # fmt: skip
     """What is about to run, in a few lines (in place of Lightning's model summary, which cannot count MACs)."""
     axes = f"mixer {record.mixer}, norm {record.norm}, act {record.act}"
@@ -277,6 +284,9 @@ def _log_start(
     log.info("  data %s: %s; %d per optimizer step = %d per device x %d device%s x %d accumulated", record.data,
              images, optim.global_batch, cfg.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
              trainer.accumulate_grad_batches)  # fmt: skip
+    if datamodule.num_workers != 0:  # 0: loaded in this process (the embedded data), nothing to say
+        log.info("  loaders: %d training + %d validation processes per device (%s)",
+                 *datamodule.loader_processes(trainer.num_devices))  # fmt: skip
     log.info("  schedule %s: %s", record.schedule, optim.describe(*steps))
     threads = torch.get_num_threads()
     on_cpu = f" ({threads} thread{'s' * (threads > 1)})" if record.accelerator == "cpu" else ""
@@ -300,7 +310,7 @@ def _build_trainer(
     checkpoints = run_dir / "checkpoints"
     extra: list[L.Callback] = []
     if progress_bar:  # a refresh reads the loss it shows (.item()): on a GPU a wait for the device, so not every step
-        extra.append(TQDMProgressBar(refresh_rate=1 if trainer_args["accelerator"] == "cpu" else 50))
+        extra.append(ProgressBar(refresh_rate=1 if trainer_args["accelerator"] == "cpu" else 50))
     if (minutes := cfg.trainer.save_every_minutes) is not None:
         extra.append(SaveEvery(checkpoints / "last.ckpt", minutes))
     plugins: list = [AtomicCheckpointIO()]

@@ -1,5 +1,7 @@
 import json
 import math
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -55,13 +57,18 @@ def test_loader_command_generates_a_folder_and_writes_json(tmp_path, capsys):
     assert 0 <= report["draft_applicable"]["train"] < 0.05 and report["draft_applicable"]["eval"] == 0
 
 
-def test_loader_on_a_given_root_without_randaugment(tmp_path, capsys):
+def test_loader_on_a_given_root_without_randaugment(tmp_path, capsys, monkeypatch):
     root = write_jpeg_folder(tmp_path / "jpegs", train_per_class=1, val_per_class=1)
+    # the CPUs this process may use (a SLURM task's, a container's), not the machine's
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     out = tmp_path / "loader.json"
     main(["loader", "--root", str(root), "--images", "3", "--seconds", "0", "--rand-augment", "none",
           "--image-size", "64", "--json", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert not report["generated"] and report["rand_augment"] is None and report["randaugment_op_ms"] == {}
+    assert report["cpu_count"] == 3 and report["gpus_fed"] == 3 // report["workers_per_gpu"]
     assert report["draft_applicable"]["eval"] == 1.0  # every short side halved is still >= floor(64 / 0.9)
     assert "no RandAugment" in capsys.readouterr().out
 
@@ -152,11 +159,12 @@ def test_throughput_counts_the_time_between_batches_within_an_epoch(monkeypatch)
     clock = iter([0.0, 1.0, 1.5, 2.5, 3.0, 4.0, 4.5, 5.5, 10.0, 11.0])  # starts and ends of 5 batches
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
     speed, batch = callbacks.TrainThroughput(began=-2.0), (torch.zeros(8, 3, 4, 4), torch.zeros(8))
+    on_cpu = SimpleNamespace(device=torch.device("cpu"))  # the module: where it runs decides the clock
     for index in range(5):
         if index == 4:
-            speed.on_validation_start(None, None)  # a validation between batches 4 and 5: not waiting on data
-        speed.on_train_batch_start(None, None, batch, index)
-        speed.on_train_batch_end(None, None, None, batch, index)
+            speed.on_validation_start(None, on_cpu)  # a validation between batches 4 and 5: not waiting on data
+        speed.on_train_batch_start(None, on_cpu, batch, index)
+        speed.on_train_batch_end(None, on_cpu, None, batch, index)
     # timed: batches 3-5 (1 s each); between: only before batch 4 (0.5 s)
     assert speed.images_per_second == pytest.approx(24 / 3.0)
     assert speed.data_wait_fraction == pytest.approx(0.5 / 3.5)

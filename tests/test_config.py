@@ -1,6 +1,7 @@
 """The Hydra config: every experiment composes and builds the paper's model; bad overrides fail clearly."""
 
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -287,17 +288,15 @@ def test_accumulation_is_derived_from_the_global_batch_and_says_how_to_change_it
 
 
 def test_the_accelerator_is_found_not_assumed(monkeypatch):
+    chosen = ("accelerator", "precision", "channels_last", "tf32", "benchmark")
     auto = compose_config().trainer
-    assert resolve_device(auto) | {} == {**resolve_device(auto), "accelerator": "cpu", "precision": "32",
-                                         "channels_last": True}  # fmt: skip
+    assert tuple(resolve_device(auto)[key] for key in chosen) == ("cpu", "32", True, False, False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    gpu = resolve_device(auto)
-    assert (gpu["accelerator"], gpu["precision"], gpu["channels_last"]) == ("gpu", "bf16-mixed", True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert resolve_device(auto)["precision"] == "32"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(major=9, minor=0))
+    assert tuple(resolve_device(auto)[key] for key in chosen) == ("gpu", "bf16-mixed", False, True, True)
     forced = resolve_device(compose_config("trainer=cpu").trainer)  # a forced choice stays, GPU or not
-    assert (forced["accelerator"], forced["precision"], forced["channels_last"]) == ("cpu", "32", True)
+    assert tuple(forced[key] for key in chosen) == ("cpu", "32", True, False, False)
 
 
 @pytest.mark.parametrize("overrides, label", [

@@ -1,6 +1,7 @@
 """Image folders as users have them: any folder in the ImageNet layout, unreadable files skipped and counted, clear
 layout errors before training."""
 
+import os
 import shutil
 
 import lightning as L
@@ -38,9 +39,14 @@ def test_unreadable_file_comes_out_marked_not_raised(folder):
 
 
 def test_a_run_on_a_folder_with_corrupt_files_completes_and_counts_them(folder, tmp_path):
-    result = run_cli(*SMALL_RUN, f"data.root={folder}", "data.rand_augment=rand-m9-mstd0.5-inc1",
-                     "data.random_erasing=0.25", cwd=tmp_path)  # fmt: skip
+    # loader processes as data.num_workers=auto starts them, capped at 2 CPUs (the way a SLURM task is)
+    run = [arg for arg in SMALL_RUN if not arg.startswith("data.num_workers=")]
+    result = run_cli(*run, "data.num_workers=auto", f"data.root={folder}", "data.rand_augment=rand-m9-mstd0.5-inc1",
+                     "data.random_erasing=0.25", cwd=tmp_path, env={"SLURM_CPUS_PER_TASK": "2"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    cpus = min(2, len(os.sched_getaffinity(0)))
+    assert f"  loaders: {cpus - 1} training + {cpus - 1} validation processes per device ({cpus} CPU" \
+           f"{'s' * (cpus > 1)} this process may use, 1 rank on them)" in result.stderr + result.stdout  # fmt: skip
     record = read_record(next((tmp_path / "runs").rglob("result.json")))
     assert record.status == "completed" and record.train_images == 31 and record.steps == 3
     assert record.unreadable_images == {"train": 1, "val": 1}

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from metaformer_lab.plan import compose_job
 from metaformer_lab.record import read_record
 from metaformer_lab.registry import ConfigError
-from metaformer_lab.training.gpus import jobs_at_once, pinned_gpus
+from metaformer_lab.training.gpus import cpus_of_group, jobs_at_once, pinned_gpus
 
 WITHOUT_TRAINER = [arg for arg in QUICK if not arg.startswith("trainer=")]
 
@@ -34,7 +34,7 @@ def test_ddp_inside_a_sweep_runs_each_job_once_on_fresh_ranks(tmp_path):
     assert set(records) == {"pooling", "identity"}
     for record in records.values():
         assert record.status == "completed" and record.world_size == 2 and record.global_batch == 64
-        assert record.steps == 4 and record.precision == "bf16-mixed"
+        assert record.steps == 4 and record.precision == "32"  # trainer=ddp: precision auto, fp32 on the CPU
         assert "trainer.devices" not in Path(record.run_dir).name  # the device count does not change the run
         assert record.norm == "batchnorm" and record.config["trainer"]["dist_bn"] == "reduce"
         # every rank trained the config the job resolved and saved, with the job's one decision on how to start
@@ -73,6 +73,17 @@ def test_jobs_take_a_free_gpu_group_and_wait_for_one(tmp_path, monkeypatch):
             pass
 
 
+def test_jobs_side_by_side_get_their_gpus_share_of_the_cpus(monkeypatch):
+    # 8 one-GPU jobs on a 64-core machine: 8 cores each (their loaders count these), not all 64 each
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    cpus = list(range(64))
+    assert cpus_of_group("0", cpus) == list(range(8)) and cpus_of_group("7", cpus) == list(range(56, 64))
+    assert cpus_of_group("2,3", cpus) == list(range(16, 32))  # the second group of two GPUs
+    assert cpus_of_group("5", [0, 1]) == [0]  # more GPUs than CPUs: one each at least
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")  # a user's restriction: the jobs share what it leaves
+    assert cpus_of_group("5", cpus) == list(range(32, 64))
+
+
 def test_gpus_launcher_runs_jobs_side_by_side_each_on_its_own_gpu(tmp_path):
     # two "GPUs" named by CUDA_VISIBLE_DEVICES; the runs train on the CPU, so only the pinning is tested
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "PYTHONPATH": FAULTS, "METAFORMER_TEST_FAULTS": '{"mixer=identity": "raise"}'}
@@ -83,6 +94,8 @@ def test_gpus_launcher_runs_jobs_side_by_side_each_on_its_own_gpu(tmp_path):
     records = records_by_mixer(tmp_path / "runs")
     assert {m: r.status for m, r in records.items()} == {"pooling": "completed", "identity": "failed"}
     assert {r.cuda_visible_devices for r in records.values()} == {"0", "1"}  # side by side, each on its own
+    cpus = len(os.sched_getaffinity(0))
+    assert f"on GPUs 0 and {max(1, cpus // 2)} CPUs" in result.stdout + result.stderr  # and half the CPUs each
     assert "injected failure" in records["identity"].error
 
 
@@ -109,7 +122,7 @@ def test_slurm_launcher_submits_one_task_per_gpu_on_two_nodes_of_eight(tmp_path)
     result = run_cli(*args, cwd=tmp_path, env=env)
     assert result.returncode != 0 and "no cluster" in result.stderr
     script = (tmp_path / "job.sh").read_text()
-    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--partition=gpu",
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=16", "--partition=gpu",
                  "--signal=USR2@300", "--time=2880", "--array=0-1%2", "--open-mode=append"):  # fmt: skip
         assert f"#SBATCH {line}\n" in script, line
     assert re.search(r"^srun .*submitit\.core\._submit", script, re.MULTILINE)

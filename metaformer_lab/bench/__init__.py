@@ -1,9 +1,10 @@
-"""Benchmarks: `python -m metaformer_lab.bench {model,loop,loader} --help`.
+"""Benchmarks: `python -m metaformer_lab.bench {model,loop,loader,gpu} --help`.
 
 - `model`: training-step and inference throughput of a model, against the straightforward baseline in the same
   process (`bench/model.py`);
 - `loop`: the Lightning loop against a bare PyTorch loop over the same model, data and batch (`bench/loop.py`);
 - `loader`: can this machine's CPUs keep a GPU fed (`bench/loader.py`)?
+- `gpu`: on a CUDA GPU, the `gpu` tests, `model` in each precision and layout, and `loop` (`bench/gpu.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from metaformer_lab.bench import loader, loop, model
+from metaformer_lab.bench import gpu, loader, loop, model
 from metaformer_lab.registry import ConfigError
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m metaformer_lab.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (model, loop, loader):
+    for command in (model, loop, loader, gpu):
         command.add_parser(commands)
     for subparser in commands.choices.values():
         subparser.add_argument("--json", type=Path, metavar="FILE", help="write all numbers to FILE as JSON")

@@ -22,7 +22,6 @@ import cProfile
 import dataclasses
 import itertools
 import math
-import os
 import random
 import statistics
 import tempfile
@@ -36,7 +35,7 @@ import torch
 from PIL import Image, features
 
 from metaformer_lab.bench.timing import rate, time_rounds
-from metaformer_lab.data.datamodules import image_tensor
+from metaformer_lab.data.datamodules import image_tensor, usable_cpus
 from metaformer_lab.data.imagefolder import (
     UNREADABLE,
     ImageFolderDataset,
@@ -204,7 +203,7 @@ def bench_loader(
     long_short = [sorted(size, reverse=True) for size in sizes]
     return {
         "root": str(root), "images": count, "image_size": image_size, "crop_pct": crop_pct, "rand_augment": policy,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cpu_count": usable_cpus(),
         "median_long_short_side": [statistics.median(side[i] for side in long_short or [(0, 0)]) for i in (0, 1)],
         **{name: asdict(rate) for name, rate in rates.items()},
         "full_over_decode": rates["train"].ms_per_image / rates["decode"].ms_per_image, "target_ratio": TARGET_RATIO,
@@ -252,8 +251,8 @@ def print_loader(report: dict[str, Any]) -> None:
           f"{100 * draft['eval']:.1f}% of eval resizes (not used: it changes pixels)")  # fmt: skip
     gpu = report["train_throughput_img_s"]
     print(f"one GPU training at {gpu:.0f} img/s needs ceil({gpu:.0f} / {report['train']['images_per_s']:.0f}) "
-          f"= {report['workers_per_gpu']} loader processes (data.num_workers); this machine's "
-          f"{report['cpu_count']} CPUs feed {report['gpus_fed']} such GPUs ({report['gpus_fed_exact']:.2f}), "
+          f"= {report['workers_per_gpu']} loader processes (data.num_workers); the {report['cpu_count']} CPUs this "
+          f"process may use feed {report['gpus_fed']} such GPUs ({report['gpus_fed_exact']:.2f}), "
           "before the core each GPU's training process takes itself")  # fmt: skip
 
 
@@ -291,6 +290,6 @@ def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[s
             root = write_jpeg_folder(Path(scratch) / "jpeg_folder", train_per_class=per_class, val_per_class=1)
         report = bench_loader(root, args.images, args.image_size, args.crop_pct, policy, args.seconds, args.profile)
     report["generated"] = args.root is None
-    plan = loader_plan(args.train_throughput, report["train"]["images_per_s"], report["cpu_count"] or 1)
+    plan = loader_plan(args.train_throughput, report["train"]["images_per_s"], report["cpu_count"])
     report.update(train_throughput_img_s=args.train_throughput, **asdict(plan))
     return report

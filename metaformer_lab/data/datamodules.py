@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import lightning as L
 import numpy as np
@@ -67,6 +67,35 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
+def usable_cpus(environ: Mapping[str, str] = os.environ) -> int:
+    """The CPUs this process may run on: its affinity (a SLURM task's own cores, a container's cpuset), at most
+    SLURM_CPUS_PER_TASK where set (a cluster that does not bind tasks to cores shows every task the whole node)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if per_task := environ.get("SLURM_CPUS_PER_TASK"):
+        cpus = min(cpus, int(per_task))
+    return cpus
+
+
+def ranks_sharing_cpus(devices_per_node: int, environ: Mapping[str, str] = os.environ) -> int:
+    """How many ranks split this process's CPUs: the ranks torchrun started on this node (they inherit one CPU
+    set), 1 for a SLURM task per device (each has its own), else this process's devices (a spawning strategy)."""
+    if "LOCAL_WORLD_SIZE" in environ:  # torchrun's, ours (launcher=gpus, DDP on one machine) or a user's
+        return int(environ["LOCAL_WORLD_SIZE"])
+    if int(environ.get("SLURM_NTASKS", "1")) > 1:
+        return 1
+    return devices_per_node
+
+
+def loader_workers(cpus_available: int, ranks_sharing: int) -> tuple[int, int, str]:
+    """(training, validation) loader processes per rank for `data.num_workers=auto`, and why: the rank's share
+    of the CPUs less one core for the rank itself; validation (a small part of an epoch) half as many."""
+    train = max(0, cpus_available // ranks_sharing - 1)
+    val = max(1, train // 2) if train else 0
+    why = f"{cpus_available} CPU{'s' * (cpus_available > 1)} this process may use, {ranks_sharing} " \
+          f"rank{'s' * (ranks_sharing > 1)} on them"  # fmt: skip
+    return train, val, why
+
+
 def _check(key: str, value: object, ok: bool, expected: str) -> None:
     if not ok:
         raise ConfigError(key, value, expected)
@@ -108,21 +137,25 @@ class ImageDataModule(L.LightningDataModule):
         self.val: Dataset | None = None
         self._train_sampler: EpochSampler | None = None
         self._resume_at = (-1, 0)  # (epoch, images of it done) from a checkpoint
+        self._normalization: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (mean, std)
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         """(train, val) image counts, without loading anything; None where unknown. For cost estimates."""
         return None, None
 
-    def loader_workers(self) -> int:
-        """`num_workers`, with `auto` resolved: this node's CPUs shared by its devices, 1 to 8 per device."""
+    def loader_processes(self, devices_per_node: int) -> tuple[int, int, str]:
+        """(training, validation) loader processes per device and why: `num_workers` for both, or for `auto` the
+        CPUs this process may use, split among the ranks that run on them (`loader_workers`)."""
         if self.num_workers != "auto":
-            return self.num_workers
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, min(8, cpus // (self.trainer.num_devices if self.trainer else 1)))
+            return self.num_workers, self.num_workers, f"data.num_workers={self.num_workers}"
+        return loader_workers(usable_cpus(), ranks_sharing_cpus(devices_per_node))
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        workers = self.loader_workers()
+        train_workers, val_workers, _ = self.loader_processes(self.trainer.num_devices if self.trainer else 1)
+        workers = train_workers if train else val_workers
+        # pinned pages only speed up copies to a GPU: the run's device, not whether this machine has one
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         sampler = (EpochSampler if train else DistributedSampler)(
             dataset, world, rank, shuffle=train, seed=self.shuffle_seed, drop_last=train
         )
@@ -131,7 +164,7 @@ class ImageDataModule(L.LightningDataModule):
             self._train_sampler = sampler
         return DataLoader(
             dataset, self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0, pin_memory=on_gpu,
             # its own generator: a loader's iterator draws its workers' base seed, which would otherwise come from
             # the global stream that drop path and mixup use, and shift it differently on a mid-epoch resume
             generator=torch.Generator().manual_seed(self.shuffle_seed),
@@ -176,9 +209,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
         images, labels = batch
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        mean, std = self._mean_std(images.device)
         return (images.float() / 255 - mean) / std, labels
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as [1, 3, 1, 1] tensors on `device`, made once: no host-to-device copy per batch."""
+        if device not in self._normalization:
+            self._normalization[device] = tuple(
+                torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (self.mean, self.std)
+            )
+        return self._normalization[device]
 
 
 @DATASETS.register("shapes")

@@ -164,7 +164,7 @@ class ImageFolderDataModule(ImageDataModule):
         num_classes: int | None = None,
         crop_pct: float = 0.9,
         batch_size: int = 128,
-        num_workers: int = 8,
+        num_workers: int | str = "auto",
         shuffle_seed: int = 0,
         rand_augment: str | None = None,
         random_erasing: float = 0.0,

@@ -6,12 +6,16 @@ import logging
 import os
 import random
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
+
+from metaformer_lab.training.module import ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +59,54 @@ class ResumableRng(L.Callback):
     """Saves the RNG states (drop path, mixup) with each checkpoint and restores them on resume.
 
     Lightning does not, so without this a resumed run would draw other random numbers than an uninterrupted one.
-    Checkpoints hold rank 0's states; under DDP the other ranks derive their own streams from them on resume
-    (deterministic, but only single-process runs resume bit for bit).
+    Checkpoints hold rank 0's states (of its own GPU only: a resume may see fewer GPUs); under DDP the other ranks
+    derive their own streams from them on resume (deterministic, but only single-process runs resume bit for bit).
     """
 
     def __init__(self) -> None:
         self.rank = 0
+        self.gpu: torch.device | None = None  # the rank's own, if any: only its CUDA generator is saved and restored
 
     def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        self.rank = trainer.global_rank  # setup runs before a checkpoint is restored
+        # setup runs before a checkpoint is restored
+        self.rank, device = trainer.global_rank, trainer.strategy.root_device
+        self.gpu = device if device.type == "cuda" else None
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.gpu is not None:
+            state["cuda"] = torch.cuda.get_rng_state(self.gpu)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state.get("cuda") if self.gpu is not None else None
+        if isinstance(cuda, list | tuple):  # older checkpoints: the states of all the GPUs that were visible, by index
+            index = self.gpu.index or 0
+            if index >= len(cuda):
+                log.warning("the checkpoint holds no random state for GPU %d (only %d GPUs were visible when it was "
+                            "saved): its random numbers start afresh", index, len(cuda))  # fmt: skip
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.gpu)
         if self.rank > 0:
             seed = int(torch.randint(2**62, ()).item()) + self.rank
             torch.manual_seed(seed)
             random.seed(seed)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, with the training loss read when the bar redraws (every `refresh_rate` batches) only: a value
+    logged with prog_bar=True would be read (.item(), on a GPU a wait for the device) after every batch by Lightning's
+    logger connector, whether a bar shows it or not."""
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, module)
+        if (loss := trainer.callback_metrics.get("train/loss")) is not None:
+            metrics["train/loss"] = loss.item()
+        return metrics
 
 
 _runs_begun = 0  # in this process: a sweep's worker process trains one job after another
@@ -107,12 +133,19 @@ def process_age_s() -> float | None:
         return None
 
 
+Mark = float | torch.cuda.Event  # a point in time: time.perf_counter(), or an event on the GPU's stream
+
+
 class TrainThroughput(L.Callback):
     """Training images per second (per process), timed over all batches but the first two; the share of time spent
     between batches (fetching the next one, and the loop's own work) and when the first batch started.
 
     The time between one batch's end and the next one's start is Lightning's data fetch and loop: what the issue
-    calls waiting on data, counted within an epoch only (not across validation or an epoch's end)."""
+    calls waiting on data, counted within an epoch only (not across validation or an epoch's end).
+
+    On a GPU the host runs ahead of the device, so its clock would count a step's queued kernels as time between
+    batches: there each batch's start and end are CUDA events on the device's own timeline, read once completed
+    (without waiting), and with one wait at the end of a window (a validation, an epoch, training)."""
 
     warmup_batches = 2  # the first batches include one-off set-up (allocation, compilation)
 
@@ -123,28 +156,48 @@ class TrainThroughput(L.Callback):
         self.seen = 0
         self.began = began  # time.perf_counter() when the run began
         self.first_step_s: float | None = None  # from `began` to the first training batch
-        self._start = 0.0
-        self._end: float | None = None
+        self._start: Mark | None = None
+        self._end: Mark | None = None  # the last batch's end; None at an epoch's start and after a validation
+        self._unread: deque[tuple[Mark | None, Mark, Mark, int]] = deque()  # (previous end, start, end, images)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._end = None
 
     def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._end = None
+        self._read(wait=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._read(wait=True)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._read(wait=True)
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
-        self._start = time.perf_counter()
+        now = time.perf_counter()
         if self.first_step_s is None and self.began is not None:
-            self.first_step_s = self._start - self.began
-        if self._end is not None and self.seen > self.warmup_batches:
-            self.between += self._start - self._end
+            self.first_step_s = now - self.began
+        self._start = _cuda_mark() if module.device.type == "cuda" else now
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, out: Any, batch: Any, idx: int) -> None:
         self.seen += 1
-        self._end = time.perf_counter()
+        end = _cuda_mark() if module.device.type == "cuda" else time.perf_counter()
         if self.seen > self.warmup_batches:
-            self.images += len(batch[0])
-            self.seconds += self._end - self._start
+            before = self._end if self.seen > self.warmup_batches + 1 else None
+            self._unread.append((before, self._start, end, len(batch[0])))
+        self._end = end
+        self._read(wait=False)
+
+    def _read(self, wait: bool) -> None:
+        """Add the timed batches whose marks have completed; `wait`: wait for all of them (one sync on a GPU)."""
+        if wait and self._unread and isinstance(self._unread[-1][2], torch.cuda.Event):
+            self._unread[-1][2].synchronize()
+        while self._unread and _completed(self._unread[0][2]):
+            before, start, end, images = self._unread.popleft()
+            self.images += images
+            self.seconds += _seconds(start, end)
+            if before is not None:
+                self.between += _seconds(before, start)
 
     @property
     def images_per_second(self) -> float | None:
@@ -154,6 +207,20 @@ class TrainThroughput(L.Callback):
     def data_wait_fraction(self) -> float | None:
         """Time between batches over all the time of the timed batches (their steps and the gaps before them)."""
         return self.between / (self.between + self.seconds) if self.seconds > 0 else None
+
+
+def _cuda_mark() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _completed(mark: Mark) -> bool:
+    return isinstance(mark, float) or mark.query()  # query: without waiting
+
+
+def _seconds(start: Mark, end: Mark) -> float:
+    return end - start if isinstance(start, float) else start.elapsed_time(end) / 1000  # events: milliseconds
 
 
 def share_batchnorm_stats(model: torch.nn.Module, mode: str) -> int:
@@ -259,5 +326,7 @@ class SaveEvery(L.Callback):
                 return
             due = trainer.strategy.broadcast(due)
         if due:
+            if isinstance(module, ImageClassifier):
+                module.raise_if_diverged()  # never a checkpoint of a diverged model
             trainer.save_checkpoint(self.path, weights_only=False)
             self.last_save = time.monotonic()

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -37,6 +37,18 @@ def jobs_at_once(devices: object) -> int:
     """How many jobs of `devices` GPUs each fit on this machine at once (at least 1; a `devices` that is not a count
     is refused by each job, with the reason)."""
     return max(1, len(visible_gpus()) // devices) if isinstance(devices, int) and devices >= 1 else 1
+
+
+def cpus_of_group(gpus: str, cpus: Sequence[int]) -> list[int]:
+    """The share of `cpus` (this process's) that goes with the GPU group `gpus` ("2,3"): jobs side by side on one
+    machine each get the CPUs of their GPUs' fraction of it, as SLURM binds a task to its cores; without this every
+    job's loaders would count the whole machine's CPUs as their own."""
+    visible, group = visible_gpus(), gpus.split(",")
+    groups = max(1, len(visible) // len(group))
+    index = min(visible.index(group[0]) // len(group), groups - 1) if group[0] in visible else 0
+    cpus = sorted(cpus)
+    share = cpus[index * len(cpus) // groups : (index + 1) * len(cpus) // groups]
+    return share or cpus[:1]
 
 
 @contextmanager

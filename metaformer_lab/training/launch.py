@@ -35,7 +35,7 @@ from metaformer_lab.config import process_count
 from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_json, write_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import end_line, now_utc, train
-from metaformer_lab.training.gpus import pinned_gpus
+from metaformer_lab.training.gpus import cpus_of_group, pinned_gpus
 from metaformer_lab.training.start import LAUNCH_DIR, START_TOKEN, cluster_ranks, decide_start, publish, run_lock
 
 log = logging.getLogger(__name__)
@@ -96,16 +96,17 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
     token = uuid.uuid4().hex
     publish(run_dir, token, start)
     env = {**os.environ, START_TOKEN: token}
-    if gpus is not None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if gpus is not None:  # the job's own GPUs, and its share of the CPUs (its loaders count these)
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // processes)))  # torchrun would set 1, with a warning
+        cpus = cpus_of_group(gpus, cpus)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(cpus) // processes)))  # torchrun would set 1, with a warning
     command = [sys.executable, "-m", THIS_MODULE, "agent", str(processes), str(run_dir)]
     log.info("training in %d fresh process%s (torchrun)%s", processes, "es" * (processes > 1),
-             f" on GPUs {gpus}" if gpus is not None else "")  # fmt: skip
+             f" on GPUs {gpus} and {len(cpus)} CPUs" if gpus is not None else "")  # fmt: skip
     before = (run_dir / RECORD_NAME).stat().st_mtime_ns if (run_dir / RECORD_NAME).exists() else None
     (launch_dir / "failure.json").unlink(missing_ok=True)
-    code = _run(command, env)
+    code = _run(command, env, cpus)
     if (launch_dir / "error.json").exists():  # a bad setting, found by the ranks' checks; nothing was written
         raise ConfigError(*json.loads((launch_dir / "error.json").read_text()))
     written = (run_dir / RECORD_NAME).exists() and (run_dir / RECORD_NAME).stat().st_mtime_ns != before
@@ -130,9 +131,14 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
     raise RanksFailed(record.error)
 
 
-def _run(command: list[str], env: dict[str, str]) -> int:
-    """Run the agent and wait; if this process is stopped, the ranks get time to write their record."""
-    process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+def _run(command: list[str], env: dict[str, str], cpus: list[int]) -> int:
+    """Run the agent on `cpus` and wait; if this process is stopped, the ranks get time to write their record."""
+
+    def in_the_child() -> None:
+        _die_with_parent()
+        os.sched_setaffinity(0, cpus)  # the ranks and their loader processes inherit it
+
+    process = subprocess.Popen(command, env=env, preexec_fn=in_the_child)
     try:
         return process.wait()
     except BaseException:  # Ctrl-C (the agent got it too) or a stop

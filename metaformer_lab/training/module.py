@@ -158,6 +158,10 @@ class ImageClassifier(L.LightningModule):
     `random_erasing` is given (after the mixing, as the official prefetcher). `optim` None: evaluation only. Training
     fits the lr schedule into `schedule_steps` optimizer steps (config.optimizer_steps: the steps the run takes)."""
 
+    # micro-batches between checks of the loss: each check is a host sync (and under DDP a collective), so
+    # the loss is watched on the device in between; a diverged run still reports its first non-finite step
+    nonfinite_check_every = 50
+
     def __init__(
         self, model: nn.Module, optim: OptimSettings | None, num_classes: int, channels_last: bool = False,
         random_erasing: Callable[[torch.Tensor], torch.Tensor] | None = None, schedule_steps: int | None = None,
@@ -172,20 +176,43 @@ class ImageClassifier(L.LightningModule):
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self._nonfinite: torch.Tensor | None = None  # [step, epoch, loss] of the first non-finite loss; step -1: none
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
+    def on_train_start(self) -> None:
+        # on every rank before its first batch: a rank whose batches are all empty still joins each check's gather
+        self._nonfinite = torch.full((3,), -1.0, device=self.device)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        if not len(labels):
+        if len(labels):
+            loss = self.training_loss(images, labels)
+            self._watch(loss)
+            self.log("train/loss", loss)  # not prog_bar=True: read every batch then (callbacks.ProgressBar shows it)
+            # a tensor made on the device: a Python float would be copied there, a sync every step
+            self.log("train/lr", loss.new_full((), self.trainer.optimizers[0].param_groups[0]["lr"]))
+        else:
             # every image of the batch was unreadable (dropped by the data module): a zero loss with zero gradients,
-            # so that this rank still joins the other ranks' all-reduces (the check below, DDP's gradients)
+            # so that this rank still joins the other ranks' all-reduces (DDP's gradients)
             loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
-            self.trainer.strategy.reduce_boolean_decision(True, all=True)
-            return loss
+        return loss
+
+    def on_train_batch_end(self, outputs: torch.Tensor, batch: tuple, batch_idx: int) -> None:
+        # after the callbacks' (SaveEvery checks for itself), before the epoch's end (validation, last.ckpt) and any
+        # stop; the same batches on every rank
+        trainer = self.trainer
+        stops = trainer.should_stop or 0 < trainer.max_steps <= self.global_step
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if stops or last or (batch_idx + 1) % self.nonfinite_check_every == 0:
+            self.raise_if_diverged()
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mixup / cutmix, random erasing, forward, and the soft-target loss of one batch (bench loop's bare loop
+        takes it too)."""
         o = self.optim
         images, targets = mix_batch(
             images, labels, self.num_classes, o.label_smoothing, o.mixup_alpha, o.cutmix_alpha, o.mix_prob,
@@ -194,13 +221,28 @@ class ImageClassifier(L.LightningModule):
         if self.random_erasing is not None:
             images = self.random_erasing(images)
         logits = self(images)
-        loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-        # all ranks agree, so they all stop at the same step rather than hang in the next all-reduce
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            raise DivergedError(f"loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch})")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+    def _watch(self, loss: torch.Tensor) -> None:
+        """Keep the step, epoch and value of the first non-finite loss, on the device: no sync."""
+        loss = loss.detach().float()
+        first = ~torch.isfinite(loss) & (self._nonfinite[0] < 0)
+        now = torch.stack((loss.new_full((), self.global_step), loss.new_full((), self.current_epoch), loss))
+        self._nonfinite = torch.where(first, now, self._nonfinite)
+
+    def raise_if_diverged(self) -> None:
+        """DivergedError if any rank's loss was non-finite since training started. One host sync, and under DDP one
+        all-gather: every rank must call it at the same point, so that all of them stop together."""
+        if self._nonfinite is None:
+            return  # never trained: evaluation only
+        seen = [row for row in self.all_gather(self._nonfinite).reshape(-1, 3).tolist() if row[0] >= 0]
+        if seen:
+            step, epoch, loss = min(seen)
+            raise DivergedError(f"loss is {loss} at step {step:.0f} (epoch {epoch:.0f}); seen at step "
+                                f"{self.global_step}")  # fmt: skip
+
+    def on_validation_start(self) -> None:
+        self.raise_if_diverged()  # a diverged model is neither validated nor saved as the best
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch

@@ -1,7 +1,8 @@
 """Faults injected into every Python process a test starts (run.py, torchrun, the ranks) through PYTHONPATH.
 
 METAFORMER_TEST_FAULTS is JSON: {"<part of a run directory's name>": "raise" | "nan", "sleep_s": seconds,
-"hold_at_step": N, "hold_until": path}. A run whose directory matches fails (or its loss turns NaN) at its second step;
+"hold_at_step": N, "hold_until": path, "nan_rank": R}. A run whose directory matches fails (or its loss turns NaN, on
+rank R only where given) at its second step;
 sleep_s slows every step down (the numbers stay the same) so that a test can kill a run mid-epoch; from step N on, a
 run waits until the file `hold_until` exists (a test holds it there while it does what it tests).
 """
@@ -25,7 +26,7 @@ if FAULTS:
         fault = next((fault for key, fault in FAULTS.items() if key in run_dir), None)
         if fault == "raise" and self.global_step >= 1:
             raise RuntimeError("injected failure")
-        if fault == "nan" and self.global_step >= 1:
+        if fault == "nan" and self.global_step >= 1 and FAULTS.get("nan_rank", self.global_rank) == self.global_rank:
             with torch.no_grad():
                 self.model.head.weight.fill_(float("nan"))
         time.sleep(FAULTS.get("sleep_s", 0))

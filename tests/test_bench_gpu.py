@@ -1,0 +1,66 @@
+"""`python -m metaformer_lab.bench gpu`: one line without CUDA; with CUDA (faked here), every configuration and
+layout measured, the faster layout named, the GPU tests counted, and all of it printed and written as JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from metaformer_lab.bench import gpu
+from metaformer_lab.bench import main as bench_main
+
+
+def test_without_cuda_it_stops_with_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = subprocess.run([sys.executable, "-m", "metaformer_lab.bench", "gpu"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [done.stderr.strip()] and "bench gpu needs a CUDA GPU" in done.stderr
+
+
+def test_help_says_what_it_measures(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_main(["gpu", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "pytest -m gpu" in text and "channels_last" in text and "--json" in text
+
+
+def _fake_model_report(preset, overrides, image_size, batch_size, precision, channels_last, compiled, seconds, device):
+    speed = {"32": 1000.0, "bf16-mixed": 2000.0}[precision] * (1.5 if compiled else 1) * (0.9 if channels_last else 1)
+    variant = {"train": {"images_per_s": speed}, "inference": {"images_per_s": 3 * speed},
+               "train_gflop_s": speed * 10.0, "peak_allocated_mb": 5000.0}  # fmt: skip
+    return {"variants": {"this project": variant}, "matmul_peak_gflop_s": 400_000.0,
+            "train_fraction_of_peak": speed * 10 / 400_000, "max_logit_diff": 1e-6}  # fmt: skip
+
+
+def test_every_configuration_and_layout_is_measured_and_reported(monkeypatch, tmp_path, capsys):
+    calls = []
+
+    def fake_bench_model(*args):
+        calls.append(args[4:7])  # precision, channels_last, compiled
+        return _fake_model_report(*args)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu, "bench_model", fake_bench_model)
+    monkeypatch.setattr(gpu, "bench_loop", lambda overrides, steps, rounds: {
+        "lightning_over_bare": 0.97, "images_per_s": {"lightning": 9000.0}, "model": "small", "image_size": 64})
+    monkeypatch.setattr(gpu, "run_gpu_tests", lambda: {"ran": True, "exit_code": 0, "seconds": 100.0, "passed": 8,
+                                                       "skipped": 1, "tail": ""})  # fmt: skip
+    out = tmp_path / "gpu.json"
+    bench_main(["gpu", "--json", str(out)])
+    assert sorted(calls) == sorted([(p, cl, c) for p, c in gpu.CONFIGURATIONS for cl in (True, False)])
+    report = json.loads(out.read_text())
+    assert report["model"]["channels_last_faster"] == {"32": False, "bf16-mixed": False, "bf16-mixed compiled": False}
+    assert report["tests"]["passed"] == 8 and report["loop"]["lightning_over_bare"] == 0.97
+    text = capsys.readouterr().out
+    assert "gpu tests: 8 passed, 1 skipped" in text and "faster layout: 32: NCHW" in text
+    assert "bf16-mixed + compile" in text and "Fake H200" in text
