@@ -243,7 +243,7 @@ def end_line(record: RunRecord) -> str:
     result = f"best val top-1 {pct(record.best_val_top1)}, final {pct(record.final_val_top1)}"
     reason = f" ({record.error})" if record.error and record.status != "completed" else ""
     took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
-    took = f"{record.epochs} ep / {record.steps} steps in {took}"
+    took = f"{record.epochs} ep / {record.steps} step{'s' * (record.steps != 1)} in {took}"
     if skipped := sum(record.unreadable_images.values()):
         took += f", {skipped} unreadable image{'s' * (skipped > 1)} skipped (listed in the record)"
     return f"{record.status}{reason}: {result}, {took}; record {shown_path(Path(record.run_dir) / RECORD_NAME)}"

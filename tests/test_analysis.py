@@ -519,6 +519,13 @@ def test_cli_writes_no_plot_with_nothing_to_show_and_says_so(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.suffix in (".png", ".pdf")]
 
 
+def test_cli_names_an_unknown_axis_and_the_valid_ones(tmp_path, capsys):
+    fake_run(tmp_path, None, 0, 0.5, mixer="pooling")
+    assert main([str(tmp_path), "--table", "axes", "--axis", "mixr"]) == 2
+    assert "error: --axis mixr: not an axis of the records; did you mean mixer? valid: model, mixer," in \
+        capsys.readouterr().err  # fmt: skip
+
+
 def test_cli_with_no_runs_prints_the_paper(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "metaformer_lab.analysis", str(tmp_path / "none"), "--format", "latex"],

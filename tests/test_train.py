@@ -273,3 +273,13 @@ def test_wandb_offline_run_has_the_axes_in_its_config(tmp_path, monkeypatch):
     assert {"mixer=identity", "norm=batchnorm", "act=gelu", "seed=0"} <= snapshot.tags
     assert snapshot.config["mixer"] == "identity" and snapshot.config["norm"] == "batchnorm"
     assert snapshot.config["params"] == record.params and snapshot.config["config"]["optim"]["epochs"] == 1
+
+
+def test_the_end_line_counts_steps_in_words():
+    from metaformer_lab.record import RunRecord
+    from metaformer_lab.train import end_line
+
+    one = RunRecord(status="completed", run_dir="runs/x", epochs=1, steps=1, wall_time_s=3.0, best_val_top1=0.5,
+                    final_val_top1=0.5)  # fmt: skip
+    assert "1 ep / 1 step in 3 s" in end_line(one)
+    assert "1 ep / 2 steps in 3 s" in end_line(RunRecord(**{**one.__dict__, "steps": 2}))

@@ -67,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
     if args.table == "axes":
-        table = axis_table(df, args.axis.split(",") if args.axis else None)
+        try:
+            table = axis_table(df, args.axis.split(",") if args.axis else None)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     else:
         table = paper_table(df, args.table)
     print(RENDER[args.format](table), end="" if args.format == "csv" else "\n")

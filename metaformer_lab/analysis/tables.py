@@ -19,6 +19,7 @@ import pandas as pd
 
 from metaformer_lab.analysis.collect import TABLE_AXES, aggregate_seeds, axis_applies, completed_runs, protocol_label
 from metaformer_lab.analysis.stats import paired_difference, spearman
+from metaformer_lab.registry import did_you_mean
 
 TABLES = ("table5", "main", "baselines")
 DASH = "—"  # no result here (yet)
@@ -356,6 +357,10 @@ def axis_table(df: pd.DataFrame, axis: str | list[str] | None = None, digits: in
         axes = varying or ["model", "mixer"]
     else:
         axes = [axis] if isinstance(axis, str) else list(axis)
+        for name in axes:
+            if name not in TABLE_AXES:
+                raise ValueError(f"--axis {name}: not an axis of the records; {did_you_mean(name, TABLE_AXES)}valid: "
+                                 + ", ".join(TABLE_AXES))  # fmt: skip
     agg["Protocol"] = [protocol_label(run, omit=axes) for run in agg.to_dict("records")]
     agg["_completed"] = agg.groupby("Protocol")["n"].transform("sum")
     agg = agg.sort_values(["_completed", "Protocol", *axes], ascending=[False] + [True] * (1 + len(axes)),
