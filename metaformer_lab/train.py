@@ -52,6 +52,7 @@ from metaformer_lab.training.callbacks import (
     ResumableRng,
     SaveEvery,
     ShareBatchNormStats,
+    SigtermEveryNBatches,
     TrainThroughput,
     UnreadableImages,
     ValidationHistory,
@@ -328,6 +329,7 @@ def _build_trainer(
             # every epoch, new best or not: Lightning 2.6's save_last only writes along with a new best
             ModelCheckpoint(checkpoints, filename="last", enable_version_counter=False),
             history, throughput, ResumableRng(), ShareBatchNormStats(cfg.trainer.dist_bn), UnreadableImages(),
+            SigtermEveryNBatches(ImageClassifier.nonfinite_check_every),
             *extra, *callbacks,
         ],
     )  # fmt: skip

@@ -4,6 +4,8 @@ layout measured, the faster layout named, the GPU tests counted, and all of it p
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,8 +55,8 @@ def test_every_configuration_and_layout_is_measured_and_reported(monkeypatch, tm
     monkeypatch.setattr(gpu, "bench_model", fake_bench_model)
     monkeypatch.setattr(gpu, "bench_loop", lambda overrides, steps, rounds: {
         "lightning_over_bare": 0.97, "images_per_s": {"lightning": 9000.0}, "model": "small", "image_size": 64})
-    monkeypatch.setattr(gpu, "run_gpu_tests", lambda: {"ran": True, "exit_code": 0, "seconds": 100.0, "passed": 8,
-                                                       "skipped": 1, "tail": ""})  # fmt: skip
+    tests = {"ran": True, "exit_code": 0, "seconds": 100.0, "passed": 8, "skipped": 1, "tail": ""}
+    monkeypatch.setattr(gpu, "run_gpu_tests", lambda timeout_s: tests)
     out = tmp_path / "gpu.json"
     bench_main(["gpu", "--json", str(out)])
     assert sorted(calls) == sorted([(p, cl, c) for p, c in gpu.CONFIGURATIONS for cl in (True, False)])
@@ -64,3 +66,42 @@ def test_every_configuration_and_layout_is_measured_and_reported(monkeypatch, tm
     text = capsys.readouterr().out
     assert "gpu tests: 8 passed, 1 skipped" in text and "faster layout: 32: NCHW" in text
     assert "bf16-mixed + compile" in text and "Fake H200" in text
+
+
+def test_a_failing_configuration_is_a_row_with_its_error_and_compiling_waits_for_time(monkeypatch):
+    def fake_bench_model(*args):
+        if args[4] == "32" and not args[5]:
+            raise RuntimeError("no kernel for this\nmore")
+        return _fake_model_report(*args)
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu, "bench_model", fake_bench_model)
+    rows = gpu.measure_models(128, 1.0, deadline=0.0)  # the budget already spent: no compiled row
+    assert [r.get("error") for r in rows] == [None, "RuntimeError: no kernel for this", None, None,
+                                              *["left out: the time budget was spent"] * 2]  # fmt: skip
+    assert gpu.faster_layouts(rows) == {"bf16-mixed": False}  # only where both layouts were measured
+
+
+def test_the_gpu_tests_are_stopped_whole_at_their_time_limit(monkeypatch, tmp_path):
+    # a stand-in pytest that starts a child and outlives the limit: both are gone afterwards
+    child_pid = tmp_path / "child.pid"
+    script = tmp_path / "slow.py"
+    script.write_text(f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', "
+                      f"'import time; time.sleep(60)'])\nopen({str(child_pid)!r}, 'w').write(str(p.pid))\n"
+                      "print('started', flush=True)\ntime.sleep(60)\n")  # fmt: skip
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(gpu.subprocess, "Popen", lambda command, **kw: real_popen([sys.executable, str(script)], **kw))
+    began = time.perf_counter()
+    result = gpu.run_gpu_tests(timeout_s=3)
+    assert time.perf_counter() - began < 30 and result["exit_code"] is None and "stopped after 3 s" in result["why"]
+    pid = int(child_pid.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until whoever adopted it reaps it
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the child of the stopped tests still runs")

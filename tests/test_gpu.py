@@ -46,6 +46,8 @@ def test_channels_last_gives_the_same_logits_on_the_gpu():
     images = torch.randn(8, 3, cfg.data.image_size, cfg.data.image_size, device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         nchw = model(images).float()
+    # another autocast block: autocast caches its bf16 copies of the weights, and .to() keeps the same tensors
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         nhwc = model.to(memory_format=torch.channels_last)(images.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(nhwc.float(), nchw, atol=3e-2, rtol=3e-2)  # bf16: 8 bits of mantissa
 
@@ -88,7 +90,7 @@ def test_ddp_through_the_torchrun_path_on_one_gpu(tmp_path):
 @_gpus_at_least(2)
 def test_batchnorm_statistics_are_reduced_over_nccl(tmp_path):
     result = run_cli(*ON_GPU, "norm=batchnorm", "trainer=ddp", "trainer.devices=2", "trainer.dist_bn=reduce",
-                     cwd=tmp_path)  # fmt: skip
+                     "data.batch_size=32", cwd=tmp_path)  # fmt: skip (2 x 32 = the global batch of 64)
     assert result.returncode == 0, result.stderr[-3000:]
     record = only_record(tmp_path / "runs")
     assert record.status == "completed" and record.world_size == 2

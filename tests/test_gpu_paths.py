@@ -270,3 +270,25 @@ def test_a_checkpoint_with_every_gpus_state_resumes_each_rank_with_its_own(monke
     assert [r.message for r in caplog.records].count(
         "the checkpoint holds no random state for GPU 3 (only 2 GPUs were visible when it was saved): its random "
         "numbers start afresh") == 1  # fmt: skip
+
+
+def test_ddp_asks_about_sigterm_every_n_batches_not_every_batch():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    from metaformer_lab.training.callbacks import SigtermEveryNBatches
+
+    assert hasattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor")  # what the callback thins out still exists
+    asked = []
+    loop = SimpleNamespace(total_batch_idx=0, batch_progress=SimpleNamespace(is_last_batch=False))
+    loop._broadcast_sigterm_tensor = lambda: asked.append(loop.total_batch_idx)
+    for world_size, expected in ((1, list(range(120))), (2, [0, 50, 100, 119])):
+        asked.clear()
+        loop._broadcast_sigterm_tensor = lambda: asked.append(loop.total_batch_idx)
+        trainer = SimpleNamespace(world_size=world_size, fit_loop=SimpleNamespace(epoch_loop=loop))
+        SigtermEveryNBatches(50).on_train_start(trainer, None)
+        for index in range(120):
+            loop.total_batch_idx, loop.batch_progress.is_last_batch = index, index == 119
+            loop._broadcast_sigterm_tensor()
+        assert asked == expected  # one process: untouched (Lightning asks nothing there anyway)

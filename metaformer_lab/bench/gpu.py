@@ -16,7 +16,9 @@ CUDA it stops with one line.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -31,38 +33,54 @@ from metaformer_lab.bench.model import bench_model
 TESTS = Path(__file__).parents[2] / "tests"
 MODEL, IMAGE_SIZE = "poolformer_s12", 224
 CONFIGURATIONS = [("32", False), ("bf16-mixed", False), ("bf16-mixed", True)]  # (precision, compiled)
-TESTS_TIMEOUT_S = 360
+BUDGET_S = 480.0  # the whole command on one GPU
+TESTS_SHARE = 0.5  # of the budget, at most, for `pytest -m gpu`
+LOOP_S, COMPILED_ROW_S = 60.0, 90.0  # about what bench loop and one compiled row (its compiling) take
 
 
-def run_gpu_tests() -> dict[str, Any]:
-    """`pytest -m gpu` on this repository's tests, one at a time (they share the GPU): its counts and its end."""
+def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
+    """`pytest -m gpu` on this repository's tests, one at a time (they share the GPU): its counts and its end. Past
+    `timeout_s` the whole process group is killed (runs and torchrun ranks too: nothing keeps the GPU busy)."""
     if not (TESTS / "test_gpu.py").exists():
         return {"ran": False, "why": f"no tests at {TESTS} (installed without the repository)"}
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-q", "-n", "0", "-p", "no:cacheprovider",
                str(TESTS)]  # fmt: skip
     began = time.perf_counter()
-    try:
-        done = subprocess.run(command, cwd=TESTS.parent, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
-    except subprocess.TimeoutExpired as late:
-        output = late.stdout.decode() if isinstance(late.stdout, bytes) else late.stdout or ""
-        return {"ran": True, "exit_code": None, "why": f"stopped after {TESTS_TIMEOUT_S} s", "tail": output[-3000:]}
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", done.stdout)}
-    return {"ran": True, "exit_code": done.returncode, "seconds": time.perf_counter() - began, **counts,
-            "tail": done.stdout[-3000:]}  # fmt: skip
+    with subprocess.Popen(command, cwd=TESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as pytest:  # fmt: skip
+        try:
+            output, _ = pytest.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(pytest.pid, signal.SIGKILL)
+            output, _ = pytest.communicate()
+            return {"ran": True, "exit_code": None, "why": f"stopped after {timeout_s:.0f} s", "tail": output[-3000:]}
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
+    return {"ran": True, "exit_code": pytest.returncode, "seconds": time.perf_counter() - began, **counts,
+            "tail": output[-3000:]}  # fmt: skip
 
 
-def measure_models(batch_size: int, seconds: float) -> list[dict[str, Any]]:
-    """This project's variant of `bench model` in each configuration and layout (the baseline beside it each time)."""
+def measure_models(batch_size: int, seconds: float, deadline: float) -> list[dict[str, Any]]:
+    """This project's variant of `bench model` in each configuration and layout (the baseline beside it each time);
+    a configuration that fails is a row with its error, and the compiled ones are left out past `deadline`."""
     rows = []
     for precision, compiled in CONFIGURATIONS:
         for channels_last in (True, False):
+            row: dict[str, Any] = {"precision": precision, "compiled": compiled, "channels_last": channels_last}
+            rows.append(row)
+            if compiled and time.perf_counter() > deadline:
+                row["error"] = "left out: the time budget was spent"
+                continue
             torch.cuda.empty_cache()
-            report = bench_model(
-                MODEL, {}, IMAGE_SIZE, batch_size, precision, channels_last, compiled, seconds, torch.device("cuda"),
-            )  # fmt: skip
+            try:
+                report = bench_model(
+                    MODEL, {}, IMAGE_SIZE, batch_size, precision, channels_last, compiled, seconds,
+                    torch.device("cuda"),
+                )  # fmt: skip
+            except Exception as error:  # one configuration's failure (a compiler missing) keeps the others
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+                continue
             ours = report["variants"]["this project"]
-            rows.append({
-                "precision": precision, "compiled": compiled, "channels_last": channels_last,
+            row.update({
                 "train_images_per_s": ours["train"]["images_per_s"],
                 "inference_images_per_s": ours["inference"]["images_per_s"],
                 "train_tflop_s": ours["train_gflop_s"] / 1000, "peak_tflop_s": report["matmul_peak_gflop_s"] / 1000,
@@ -74,26 +92,31 @@ def measure_models(batch_size: int, seconds: float) -> list[dict[str, Any]]:
 
 
 def faster_layouts(rows: list[dict[str, Any]]) -> dict[str, bool]:
-    """For each configuration, whether channels_last trained faster than NCHW."""
-    by_layout = {(r["precision"], r["compiled"], r["channels_last"]): r["train_images_per_s"] for r in rows}
+    """For each configuration measured in both layouts, whether channels_last trained faster than NCHW."""
+    speed = {(r["precision"], r["compiled"], r["channels_last"]): r.get("train_images_per_s") for r in rows}
     return {
-        f"{precision}{' compiled' if compiled else ''}": by_layout[precision, compiled, True]
-        > by_layout[precision, compiled, False]
+        f"{precision}{' compiled' if compiled else ''}": speed[precision, compiled, True]
+        > speed[precision, compiled, False]
         for precision, compiled in CONFIGURATIONS
+        if speed[precision, compiled, True] and speed[precision, compiled, False]
     }
 
 
-def bench_gpu(batch_size: int, seconds: float, tests: bool) -> dict[str, Any]:
+def bench_gpu(batch_size: int, seconds: float, tests: bool, budget_s: float = BUDGET_S) -> dict[str, Any]:
     began = time.perf_counter()
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
         "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda,
     }  # fmt: skip
-    report["tests"] = run_gpu_tests() if tests else {"ran": False, "why": "--no-tests"}
-    report["model"] = {"name": MODEL, "image_size": IMAGE_SIZE, "batch_size": batch_size,
-                       "rows": measure_models(batch_size, seconds)}  # fmt: skip
-    report["model"]["channels_last_faster"] = faster_layouts(report["model"]["rows"])
-    report["loop"] = bench_loop(["data.image_size=64"], steps=40, rounds=2)
+    report["tests"] = run_gpu_tests(TESTS_SHARE * budget_s) if tests else {"ran": False, "why": "--no-tests"}
+    # what is left, less the loop's minute, for the model: the compiled rows (minutes of compiling) go last
+    rows = measure_models(batch_size, seconds, deadline=began + budget_s - LOOP_S - COMPILED_ROW_S)
+    report["model"] = {"name": MODEL, "image_size": IMAGE_SIZE, "batch_size": batch_size, "rows": rows,
+                       "channels_last_faster": faster_layouts(rows)}  # fmt: skip
+    try:
+        report["loop"] = bench_loop(["data.image_size=64"], steps=40, rounds=2)
+    except Exception as error:
+        report["loop"] = {"error": f"{type(error).__name__}: {error}"}
     report["seconds"] = time.perf_counter() - began
     return report
 
@@ -114,14 +137,20 @@ def print_gpu(report: dict[str, Any]) -> None:
     print(f"    {'precision':<24} {'layout':<6} {'img/s':>8} {'TFLOP/s':>8} {'of peak':>8} {'peak MB':>8}")
     for row in model["rows"]:
         label = row["precision"] + (" + compile" if row["compiled"] else "")
+        if "error" in row:
+            print(f"    {label:<24} {'NHWC' if row['channels_last'] else 'NCHW':<6} {row['error']}")
+            continue
         peak_mb = f"{row['peak_allocated_mb']:.0f}" if row["peak_allocated_mb"] is not None else "—"
         print(f"    {label:<24} {'NHWC' if row['channels_last'] else 'NCHW':<6} {row['train_images_per_s']:>8.0f} "
               f"{row['train_tflop_s']:>8.1f} {100 * row['train_fraction_of_peak']:>7.0f}% {peak_mb:>8}")  # fmt: skip
     faster = ", ".join(f"{name}: {'NHWC' if nhwc else 'NCHW'}" for name, nhwc in model["channels_last_faster"].items())
     print(f"  faster layout: {faster}")
     loop = report["loop"]
-    print(f"  bench loop: Lightning at {loop['lightning_over_bare']:.3f}x the bare loop's speed "
-          f"({loop['images_per_s']['lightning']:.0f} img/s, {loop['model']} at {loop['image_size']} px)")  # fmt: skip
+    if "error" in loop:
+        print(f"  bench loop: {loop['error']}")
+    else:
+        speed = f"{loop['images_per_s']['lightning']:.0f} img/s, {loop['model']} at {loop['image_size']} px"
+        print(f"  bench loop: Lightning at {loop['lightning_over_bare']:.3f}x the bare loop's speed ({speed})")
     print(f"  {report['seconds']:.0f} s in all")
 
 

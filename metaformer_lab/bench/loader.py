@@ -12,6 +12,13 @@ cost, not storage. Then: where the training transform's time goes (its stages ti
 on its own), how often JPEG draft mode could apply, and the loader processes one GPU needs. Without `--root` it
 writes ImageNet-like JPEGs (about 500x375, quality 90) to a temporary folder; they are smoother than photos, so
 they decode faster than real ImageNet files: pass `--root` to measure on yours.
+
+    python -m metaformer_lab.bench index-memory [--entries 1281000] [--workers 4] [--json FILE]
+
+`index-memory` measures what the index of a split costs each loader process: on `--entries` generated ImageNet-like
+paths (no images), `--workers` processes forked as a DataLoader's make every image's path, and each reports the
+memory it added (private pages, PSS, RSS), for the index as it was (a list of (Path, label) pairs) and as arrays
+(data/index.py), in memory and mapped from the cache file.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ import cProfile
 import dataclasses
 import itertools
 import math
+import multiprocessing
 import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +52,7 @@ from metaformer_lab.data.imagefolder import (
     eval_resize_size,
     random_resized_crop,
 )
+from metaformer_lab.data.index import ImageIndex, read_index, write_index
 from metaformer_lab.data.jpeg_folder import write_jpeg_folder
 from metaformer_lab.data.randaugment import EXAMPLE, RandAugment
 from metaformer_lab.data.shapes import CLASS_NAMES
@@ -88,7 +98,7 @@ def _stage_pass(dataset: ImageFolderDataset, indices: list[int], rng: random.Ran
     for index in indices:
         marks = [time.perf_counter()]
         try:
-            with Image.open(dataset.samples[index][0]) as file:
+            with Image.open(dataset.path(index)) as file:
                 marks.append(time.perf_counter())
                 file.load()
                 marks.append(time.perf_counter())
@@ -179,7 +189,7 @@ def bench_loader(
     if count == 0:
         raise ConfigError("--root", str(root), "a folder with images in train/<class>/")
     indices = [i * len(train) // count for i in range(count)]  # spread over the classes
-    paths = [train.samples[i][0] for i in indices]
+    paths = [train.path(i) for i in indices]
     torch.manual_seed(0)
     stage_rng, stage_passes = random.Random(0), []
     times = time_rounds({
@@ -256,6 +266,85 @@ def print_loader(report: dict[str, Any]) -> None:
           "before the core each GPU's training process takes itself")  # fmt: skip
 
 
+def generated_index(entries: int, classes: int = 1000) -> ImageIndex:
+    """`entries` ImageNet-like paths ("n01440764/n01440764_10026.JPEG"), spread evenly over `classes` classes."""
+    wnids = [f"n{1440764 + 7919 * label:08d}" for label in range(classes)]
+    bounds = [label * entries // classes for label in range(classes + 1)]
+    files = ([f"{wnid}_{k}.JPEG" for k in range(bounds[c], bounds[c + 1])] for c, wnid in enumerate(wnids))
+    return ImageIndex.from_files(wnids, files)
+
+
+def process_memory() -> dict[str, int]:
+    """This process's resident bytes: `rss`, `pss` (each shared page divided among the processes that map it) and
+    `private` (pages no other process maps), from /proc/self/smaps_rollup (Linux 4.14 on)."""
+    kb = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, value = line.partition(":")
+        kb[name] = int(value.split()[0])
+    private = kb["Private_Clean"] + kb["Private_Dirty"]
+    return {"rss": 1024 * kb["Rss"], "pss": 1024 * kb["Pss"], "private": 1024 * private}
+
+
+def _make_every_path(path_of: Callable[[int], Path], count: int, barriers: list, results: Any) -> None:
+    before = process_memory()
+    barriers[0].wait()  # every process measured before any reads
+    start = time.perf_counter()
+    for index in range(count):
+        str(path_of(index))  # as Image.open does with a Path
+    seconds = time.perf_counter() - start
+    barriers[1].wait()  # every process has read: each page is shared by all that will share it
+    after = process_memory()
+    results.put({"seconds": seconds, **{f"{key}_added": after[key] - before[key] for key in after}})
+
+
+def forked_memory(path_of: Callable[[int], Path], count: int, workers: int) -> list[dict[str, float]]:
+    """What each of `workers` processes, forked from this one as a DataLoader's are, adds to its memory by making
+    the paths of images 0 to count - 1 with `path_of`; and the seconds it takes."""
+    context = multiprocessing.get_context("fork")
+    barriers, results = [context.Barrier(workers), context.Barrier(workers)], context.Queue()
+    processes = [context.Process(target=_make_every_path, args=(path_of, count, barriers, results))
+                 for _ in range(workers)]  # fmt: skip
+    for process in processes:
+        process.start()
+    reports = [results.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join()
+    return reports
+
+
+def index_memory(entries: int, workers: int) -> dict[str, Any]:
+    """`forked_memory` of an index of `entries` generated paths: as arrays mapped from a cache file (what
+    `load_index` gives), as arrays in memory (its fallback), and as the list of (Path, label) pairs it replaced."""
+    split_dir = Path("/data/imagenet/train")  # never read: only paths are made
+    index = generated_index(entries)
+    array_bytes = sum(array.nbytes for array in (index.names, index.offsets, index.labels))
+    with tempfile.TemporaryDirectory(prefix="index_memory_") as cache:
+        write_index(Path(cache) / "train.index", b"", index)
+        mapped = read_index(Path(cache) / "train.index", b"", index.classes)
+    rows = {
+        name: {"bytes_in_parent": array_bytes, "processes": forked_memory(
+            lambda i, arrays=arrays: split_dir / arrays.relative_path(i), len(index), workers)}
+        for name, arrays in (("arrays, mapped from the cache file", mapped), ("arrays, in memory", index))
+    }  # fmt: skip
+    before = process_memory()["rss"]
+    samples = [(split_dir / index.relative_path(i), int(index.labels[i])) for i in range(len(index))]
+    rows["list of (Path, label)"] = {"bytes_in_parent": process_memory()["rss"] - before,
+                                     "processes": forked_memory(lambda i: samples[i][0], len(samples), workers)}
+    return {"entries": entries, "classes": len(index.classes), "workers": workers, "representations": rows}
+
+
+def print_index_memory(report: dict[str, Any]) -> None:
+    """One line per representation: its size, then the mean over the forked processes of what each added."""
+    print(f"index memory: {report['entries']:,} generated paths ({report['classes']} classes), {report['workers']} "
+          "forked processes each making every path; per process, added:")  # fmt: skip
+    print(f"  {'representation':<36} {'in parent':>10} {'private':>10} {'PSS':>10} {'RSS':>10} {'s':>6}")
+    for name, row in report["representations"].items():
+        mean = {key: statistics.mean(p[key] for p in row["processes"]) for key in row["processes"][0]}
+        mb = [f"{value / 2**20:>7.1f} MB" for value in (row["bytes_in_parent"], *(
+            mean[f"{key}_added"] for key in ("private", "pss", "rss")))]  # fmt: skip
+        print(f"  {name:<36} {' '.join(mb)} {mean['seconds']:>6.2f}")
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     loader = commands.add_parser(
         "loader", help="can this machine's CPUs feed a GPU?", description=__doc__.split("\n\n", 2)[2],
@@ -274,6 +363,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     loader.add_argument("--seconds", type=float, default=3.0, help="time each pipeline about this long (default 3)")
     loader.add_argument("--profile", type=Path, metavar="FILE", help="write cProfile stats of one train pass to FILE")
     loader.set_defaults(measure=measure, show=print_loader)
+    memory = commands.add_parser(
+        "index-memory", help="what an image folder's index costs each loader process",
+        description=__doc__.split("\n\n", 4)[4], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    memory.add_argument("--entries", type=int, default=1000 * 1281, help="paths (default 1281000: ImageNet's train)")
+    memory.add_argument("--workers", type=int, default=4, help="forked processes (default 4)")
+    memory.set_defaults(measure=measure_index_memory, show=print_index_memory)
+
+
+def measure_index_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    if args.entries < 1 or args.workers < 1:
+        parser.error("--entries and --workers must be positive")
+    return index_memory(args.entries, args.workers)
 
 
 def measure(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:

@@ -8,6 +8,7 @@ as the official train.py used them (`transforms_imagenet_train` / `_eval`):
   then a center crop at rounded offsets.
 An unreadable image (corrupt, truncated, not an image) does not stop a run: it comes out with label `-1 - index`,
 and the data module drops it from the batch, logs its path once and counts it (`ImageDataModule.unreadable`).
+Which images a split holds is its `ImageIndex` (index.py): arrays, listed once per node and shared.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from metaformer_lab.data.datamodules import DATASETS, ImageDataModule, SampleKey, image_tensor, sample_rng
+from metaformer_lab.data.index import IMAGE_SUFFIXES, ImageIndex, class_names, load_index
 from metaformer_lab.data.randaugment import RandAugment
 from metaformer_lab.registry import ConfigError
 
 SPLITS = ("train", "val")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 LAYOUT = "<root>/train/<class>/<image>.JPEG and <root>/val/<class>/<image>.JPEG, the same class folders in both"
 # errors Pillow raises for files it cannot decode (UnidentifiedImageError and truncation are OSErrors)
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -33,23 +34,6 @@ UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 def _layout_error(root: Path, problem: str) -> ConfigError:
     return ConfigError("data.root", str(root), f"{problem}; expected the ImageNet layout: {LAYOUT}")
-
-
-def class_names(split_dir: Path) -> list[str]:
-    """The class folders of one split, sorted (the label of a class is its index here)."""
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-
-
-def find_images(split_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(path, label) pairs and the class names (sorted sub-folder names) of one split."""
-    classes = class_names(split_dir)
-    samples = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((split_dir / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    return samples, classes
 
 
 def check_layout(root: Path, splits: tuple[str, ...] = SPLITS) -> None:
@@ -122,19 +106,28 @@ class ImageFolderDataset(Dataset):
         self, split_dir: Path, image_size: int, train: bool, crop_pct: float, rand_augment: RandAugment | None = None,
         seed: int = 0,
     ) -> None:  # fmt: skip
-        self.samples, self.classes = find_images(split_dir)
+        self.split_dir = split_dir
+        self.images: ImageIndex = load_index(split_dir)
         self.image_size, self.train, self.crop_pct = image_size, train, crop_pct
         self.rand_augment, self.seed = rand_augment, seed
 
+    @property
+    def classes(self) -> list[str]:
+        return self.images.classes
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.images)
+
+    def path(self, index: int) -> Path:
+        """The file of image `index`, made when asked for: the index holds no object per image (index.py)."""
+        return self.split_dir / self.images.relative_path(index)
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
         """The image and its label; `key` (index, epoch) seeds a training image's draws (`sample_rng`)."""
         index, rng = sample_rng(self.seed, key)
-        path, label = self.samples[index]
+        label = int(self.images.labels[index])  # a Python int: a batch of labels collates to int64
         try:
-            with Image.open(path) as file:
+            with Image.open(self.path(index)) as file:
                 image = file.convert("RGB")
         except UNREADABLE:
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1 - index
@@ -191,7 +184,7 @@ class ImageFolderDataModule(ImageDataModule):
         return len(class_names(self.root / split))
 
     def split_sizes(self) -> tuple[int | None, int | None]:
-        sizes = [len(find_images(self.root / split)[0]) if (self.root / split).is_dir() else None for split in SPLITS]
+        sizes = [len(load_index(self.root / split)) if (self.root / split).is_dir() else None for split in SPLITS]
         return sizes[0], sizes[1]
 
     def setup(self, stage: str | None = None) -> None:
@@ -218,4 +211,4 @@ class ImageFolderDataModule(ImageDataModule):
             )  # fmt: skip
 
     def sample_path(self, split: str, index: int) -> str:
-        return str((self.train if split == "train" else self.val).samples[index][0])
+        return str((self.train if split == "train" else self.val).path(index))

@@ -261,6 +261,29 @@ class ShareBatchNormStats(L.Callback):
         share_batchnorm_stats(module, self.mode)
 
 
+class SigtermEveryNBatches(L.Callback):
+    """Under DDP, Lightning 2.6 asks every rank whether rank 0 got SIGTERM before each batch: a tensor built on the
+    device, a broadcast and an `.item()`, so no rank ever runs ahead of its GPU (Lightning #21487; its fix, a
+    `broadcast_sigterm_every_n_steps` argument, is not released). Asked every `every` batches instead (all ranks at
+    the same batches), and at each epoch's last one: a scheduler's SIGTERM is then seen a few steps later, well
+    inside its grace period. Where Lightning has no such method, nothing changes."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        ask = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if trainer.world_size < 2 or ask is None:
+            return
+
+        def ask_now_and_then() -> None:
+            if loop.total_batch_idx % self.every == 0 or loop.batch_progress.is_last_batch:
+                ask()
+
+        loop._broadcast_sigterm_tensor = ask_now_and_then
+
+
 class UnreadableImages(L.Callback):
     """Unreadable images the data module dropped (see data/datamodules.py), merged over ranks at each validation's
     end (all ranks are there; each saw only its share of the data), for the run record."""

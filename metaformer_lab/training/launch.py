@@ -96,7 +96,7 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
     token = uuid.uuid4().hex
     publish(run_dir, token, start)
     env = {**os.environ, START_TOKEN: token}
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     if gpus is not None:  # the job's own GPUs, and its share of the CPUs (its loaders count these)
         env["CUDA_VISIBLE_DEVICES"] = gpus
         cpus = cpus_of_group(gpus, cpus)
@@ -136,7 +136,8 @@ def _run(command: list[str], env: dict[str, str], cpus: list[int]) -> int:
 
     def in_the_child() -> None:
         _die_with_parent()
-        os.sched_setaffinity(0, cpus)  # the ranks and their loader processes inherit it
+        if hasattr(os, "sched_setaffinity"):  # Linux; the ranks and their loader processes inherit it
+            os.sched_setaffinity(0, cpus)
 
     process = subprocess.Popen(command, env=env, preexec_fn=in_the_child)
     try:
