@@ -40,6 +40,7 @@ COLUMNS = (
     "status", "error", *AXES, *_FROM_CONFIG, "mixer_stages", "schedule", "train_images", "protocol", "params",
     "frozen_params", "macs", "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs", "steps",
     "global_batch", "lr", "wall_time_s", "train_throughput_img_s", "accelerator", "device_name", "precision",
+    "channels_last", "tf32", "cudnn_benchmark",
     "world_size", "started_at", "finished_at", "git_commit", "wandb_id", "schema_version", "name", "run_dir",
     "config_key", "duplicate",
 )  # fmt: skip

@@ -314,18 +314,23 @@ def forked_memory(path_of: Callable[[int], Path], count: int, workers: int) -> l
 
 def index_memory(entries: int, workers: int) -> dict[str, Any]:
     """`forked_memory` of an index of `entries` generated paths: as arrays mapped from a cache file (what
-    `load_index` gives), as arrays in memory (its fallback), and as the list of (Path, label) pairs it replaced."""
+    `load_index` gives), as arrays in memory (its fallback), and as the list of (Path, label) pairs it replaced;
+    first, as the baseline, the same number of paths made without an index (one constant path: making Path objects
+    dirties some of the interpreter's own pages in every process)."""
     split_dir = Path("/data/imagenet/train")  # never read: only paths are made
     index = generated_index(entries)
     array_bytes = sum(array.nbytes for array in (index.names, index.offsets, index.labels))
     with tempfile.TemporaryDirectory(prefix="index_memory_") as cache:
         write_index(Path(cache) / "train.index", b"", index)
         mapped = read_index(Path(cache) / "train.index", b"", index.classes)
-    rows = {
-        name: {"bytes_in_parent": array_bytes, "processes": forked_memory(
-            lambda i, arrays=arrays: split_dir / arrays.relative_path(i), len(index), workers)}
-        for name, arrays in (("arrays, mapped from the cache file", mapped), ("arrays, in memory", index))
-    }  # fmt: skip
+    constant = index.relative_path(0)
+    path_makers = {
+        "no index (baseline)": (0, lambda i: split_dir / constant),
+        "arrays, mapped from the cache file": (array_bytes, lambda i: split_dir / mapped.relative_path(i)),
+        "arrays, in memory": (array_bytes, lambda i: split_dir / index.relative_path(i)),
+    }
+    rows = {name: {"bytes_in_parent": size, "processes": forked_memory(path_of, entries, workers)}
+            for name, (size, path_of) in path_makers.items()}  # fmt: skip
     before = process_memory()["rss"]
     samples = [(split_dir / index.relative_path(i), int(index.labels[i])) for i in range(len(index))]
     rows["list of (Path, label)"] = {"bytes_in_parent": process_memory()["rss"] - before,
