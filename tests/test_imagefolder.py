@@ -31,7 +31,7 @@ def folder(tmp_path_factory):
 def test_unreadable_file_comes_out_marked_not_raised(folder):
     dataset = ImageFolderDataset(folder / "val", 32, train=False, crop_pct=0.9)
     labels = [dataset[i][1] for i in range(len(dataset))]
-    corrupt = [i for i, (path, _) in enumerate(dataset.samples) if "corrupt" in path.name]
+    corrupt = [i for i in range(len(dataset)) if "corrupt" in dataset.path(i).name]
     assert len(dataset) == 11 and len(corrupt) == 1
     assert labels[corrupt[0]] == -1 - corrupt[0] and sorted(set(labels) - {labels[corrupt[0]]}) == list(range(10))
     image, _ = dataset[corrupt[0]]

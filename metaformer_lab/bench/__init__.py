@@ -1,9 +1,10 @@
-"""Benchmarks: `python -m metaformer_lab.bench {model,loop,loader,gpu} --help`.
+"""Benchmarks: `python -m metaformer_lab.bench {model,loop,loader,index-memory,gpu} --help`.
 
 - `model`: training-step and inference throughput of a model, against the straightforward baseline in the same
   process (`bench/model.py`);
 - `loop`: the Lightning loop against a bare PyTorch loop over the same model, data and batch (`bench/loop.py`);
 - `loader`: can this machine's CPUs keep a GPU fed (`bench/loader.py`)?
+- `index-memory`: what an image folder's index costs each loader process (`bench/loader.py`);
 - `gpu`: on a CUDA GPU, the `gpu` tests, `model` in each precision and layout, and `loop` (`bench/gpu.py`).
 """
 

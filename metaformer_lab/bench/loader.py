@@ -285,14 +285,15 @@ def process_memory() -> dict[str, int]:
     return {"rss": 1024 * kb["Rss"], "pss": 1024 * kb["Pss"], "private": 1024 * private}
 
 
-def _make_every_path(path_of: Callable[[int], Path], count: int, barriers: list, results: Any) -> None:
+def _make_every_path(path_of: Callable[[int], Path], count: int, barrier: Any, results: Any) -> None:
+    barrier.wait()  # every process forked: pages are shared by as many as they will be
     before = process_memory()
-    barriers[0].wait()  # every process measured before any reads
+    barrier.wait()  # every process measured before any reads
     start = time.perf_counter()
     for index in range(count):
         str(path_of(index))  # as Image.open does with a Path
     seconds = time.perf_counter() - start
-    barriers[1].wait()  # every process has read: each page is shared by all that will share it
+    barrier.wait()  # every process has read
     after = process_memory()
     results.put({"seconds": seconds, **{f"{key}_added": after[key] - before[key] for key in after}})
 
@@ -301,8 +302,8 @@ def forked_memory(path_of: Callable[[int], Path], count: int, workers: int) -> l
     """What each of `workers` processes, forked from this one as a DataLoader's are, adds to its memory by making
     the paths of images 0 to count - 1 with `path_of`; and the seconds it takes."""
     context = multiprocessing.get_context("fork")
-    barriers, results = [context.Barrier(workers), context.Barrier(workers)], context.Queue()
-    processes = [context.Process(target=_make_every_path, args=(path_of, count, barriers, results))
+    barrier, results = context.Barrier(workers), context.Queue()
+    processes = [context.Process(target=_make_every_path, args=(path_of, count, barrier, results))
                  for _ in range(workers)]  # fmt: skip
     for process in processes:
         process.start()
@@ -342,17 +343,18 @@ def print_index_memory(report: dict[str, Any]) -> None:
     """One line per representation: its size, then the mean over the forked processes of what each added."""
     print(f"index memory: {report['entries']:,} generated paths ({report['classes']} classes), {report['workers']} "
           "forked processes each making every path; per process, added:")  # fmt: skip
-    print(f"  {'representation':<36} {'in parent':>10} {'private':>10} {'PSS':>10} {'RSS':>10} {'s':>6}")
+    print(f"  {'representation':<36} {'in parent':>10} {'private':>10} {'PSS':>10} {'s to make':>10}")
     for name, row in report["representations"].items():
         mean = {key: statistics.mean(p[key] for p in row["processes"]) for key in row["processes"][0]}
-        mb = [f"{value / 2**20:>7.1f} MB" for value in (row["bytes_in_parent"], *(
-            mean[f"{key}_added"] for key in ("private", "pss", "rss")))]  # fmt: skip
-        print(f"  {name:<36} {' '.join(mb)} {mean['seconds']:>6.2f}")
+        mb = [f"{value / 2**20:>7.1f} MB" for value in (row["bytes_in_parent"], mean["private_added"],
+                                                         mean["pss_added"])]  # fmt: skip
+        print(f"  {name:<36} {' '.join(mb)} {mean['seconds']:>10.2f}")
+    print("  (RSS, in the JSON, misleads here: it counts the pages a process shares with its parent from the fork on)")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     loader = commands.add_parser(
-        "loader", help="can this machine's CPUs feed a GPU?", description=__doc__.split("\n\n", 2)[2],
+        "loader", help="can this machine's CPUs feed a GPU?", description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     loader.add_argument("--root", type=Path, metavar="FOLDER", help="an ImageNet-layout folder (default: generated)")
@@ -370,7 +372,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     loader.set_defaults(measure=measure, show=print_loader)
     memory = commands.add_parser(
         "index-memory", help="what an image folder's index costs each loader process",
-        description=__doc__.split("\n\n", 4)[4], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[4], formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     memory.add_argument("--entries", type=int, default=1000 * 1281, help="paths (default 1281000: ImageNet's train)")
     memory.add_argument("--workers", type=int, default=4, help="forked processes (default 4)")

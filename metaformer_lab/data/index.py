@@ -6,7 +6,7 @@ the relative paths are one bytes buffer with offsets and the labels an integer a
 process that reads them writes nothing.
 
 The first process of a node to need the index of a split lists it and writes the arrays to a cache file
-(`cache_dir()`, one file per folder) under a file lock; the node's other processes (ranks) wait for the lock, then
+(`cache_dir()`, one file per split) under a file lock; the node's other processes (ranks) wait for the lock, then
 map the same file read-only, so that they all share one copy of its pages. The file is listed again when the
 folder's fingerprint (`fingerprint`) changes.
 """
@@ -81,8 +81,8 @@ def fingerprint(split_dir: Path, classes: list[str]) -> bytes:
     """What a cached index is valid for: the listing rules, the split folder's and each class folder's mtime, the
     class names. Adding, removing or renaming an image changes its class folder's mtime; a file replaced in place
     changes none, and needs none (the index holds names). Missed: a change after which a folder's mtime was set
-    back (`touch -d`, a copy that keeps times from an older source), or one made within the same tick of a coarse
-    file system clock as the change before the listing."""
+    back (`touch -d`, a copy that keeps an older source's times), and, where the file system's clock is coarse (1 s
+    on some network file systems), a change made while the folder was listed, in the same tick as the one before."""
     stamps = [f"{name}\t{os.stat(split_dir / name).st_mtime_ns}" for name in classes]
     rules = f"{CACHE_FORMAT} {sorted(IMAGE_SUFFIXES)} {split_dir.stat().st_mtime_ns}"
     return hashlib.sha256(os.fsencode("\n".join([rules, *stamps]))).digest()
