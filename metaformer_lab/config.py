@@ -168,6 +168,14 @@ def resolve_device(trainer: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+def comparable_config(config: dict) -> dict:
+    """A resolved config as a re-run compares it with its record's: the trainer's `auto` choices decided for this
+    machine, and the trainer keys added since a run may have begun (tf32, benchmark) at their default, so that a run
+    begun before they existed, or before a default became `auto`, resumes where nothing it computes has changed."""
+    trainer = {"tf32": "auto", "benchmark": "auto", **config.get("trainer", {})}
+    return {**config, "trainer": resolve_device(trainer)}
+
+
 @contextlib.contextmanager
 def tf32_enabled(enabled: bool) -> Iterator[None]:
     """Within the block, fp32 matrix products and convolutions on TF32 tensor cores (Ampere and later: inputs

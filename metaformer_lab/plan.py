@@ -33,6 +33,7 @@ from metaformer_lab.config import (
     build_datamodule,
     build_model,
     build_optim,
+    comparable_config,
     limited_batches,
     model_arguments,
     per_stage_groups,
@@ -172,7 +173,8 @@ def check_jobs(overrides: list[str]) -> list[CheckedJob]:
             continue
         unfinished = previous is not None and previous.status in ("running", "interrupted")
         if unfinished and cfg.resume is None:
-            changed = config_changes(previous.config, OmegaConf.to_container(cfg, resolve=True))
+            changed = config_changes(comparable_config(previous.config),
+                                     comparable_config(OmegaConf.to_container(cfg, resolve=True)))  # fmt: skip
             if changed:  # the run refuses to resume into a mix of two settings
                 raise ConfigError(
                     "resume", None, f"{run_dir} holds an unfinished run with other settings ({', '.join(changed)}); "

@@ -35,6 +35,7 @@ from metaformer_lab.config import (
     build_model,
     build_optim,
     check_validation_interval,
+    comparable_config,
     optimizer_steps,
     process_count,
     resolve_device,
@@ -97,7 +98,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] 
     run_dir = Path(run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     # decided once per run, whatever the number of processes; the process that decides holds the run's lock
-    with agreed_start(config, run_dir) as begin:
+    with agreed_start(config, run_dir, comparable_config) as begin:
         if begin.skip:
             return begin.previous
         return _train(cfg, run_dir, config, begin, callbacks)

@@ -239,6 +239,22 @@ def test_rerun_with_other_settings_never_mixes_into_the_old_run(tmp_path, caplog
     assert again.finished_at == done.finished_at and "other settings (optim.min_lr)" in caplog.text
 
 
+def test_a_run_begun_before_the_auto_trainer_defaults_resumes_where_nothing_computed_changed(tmp_path):
+    # a record written before trainer.tf32 and trainer.benchmark existed, with channels_last and precision explicit
+    # (the old defaults on the CPU): the same command resumes it; a setting that computes otherwise does not
+    cfg = compose_config(*QUICK)
+    with pytest.raises(SystemExit):
+        train(cfg, tmp_path, callbacks=[_PreemptAfterFirstEpoch()])
+    record = json.loads((tmp_path / "result.json").read_text())
+    old_trainer = {k: v for k, v in record["config"]["trainer"].items() if k not in ("tf32", "benchmark")}
+    record["config"]["trainer"] = {**old_trainer, "channels_last": True, "precision": "32"}
+    (tmp_path / "result.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"other settings \(trainer.channels_last\)"):
+        train(compose_config(*QUICK, "trainer.channels_last=false"), tmp_path)
+    resumed = train(cfg, tmp_path)
+    assert resumed.status == "completed" and resumed.epochs == 2
+
+
 def test_failed_run_records_the_error_and_reruns_from_scratch(tmp_path):
     class Crash(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from metaformer_lab.config import process_count
+from metaformer_lab.config import comparable_config, process_count
 from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_json, write_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import end_line, now_utc, train
@@ -86,7 +86,7 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
     """Steps 1-4 of the module's docstring, under the run's lock; `gpus`: the CUDA_VISIBLE_DEVICES the ranks get
     (None: unchanged)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    start = decide_start(config, run_dir)
+    start = decide_start(config, run_dir, comparable_config)
     if start.skip:
         return start.previous
     launch_dir = run_dir / LAUNCH_DIR

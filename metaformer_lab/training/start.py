@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,11 +91,12 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-def decide_start(config: dict, run_dir: Path) -> Start:
+def decide_start(config: dict, run_dir: Path, comparable: Callable[[dict], dict] = lambda config: config) -> Start:
     """Read `run_dir` and decide. Reads only (a fresh start's cleanup is left to the run, after its checks), but
     for a last checkpoint that cannot be read: the run becomes `failed`, and UnreadableCheckpoint says what to do."""
     previous = read_record(run_dir) if (run_dir / RECORD_NAME).exists() else None
-    changed = config_changes(previous.config, config) if previous is not None else []
+    # `comparable`: both configs as the run would resolve them (config.comparable_config: `auto` decided)
+    changed = config_changes(comparable(previous.config), comparable(config)) if previous is not None else []
     if previous is not None and previous.status in FINAL:
         log.info("%s: already %s (best val top-1 %s); skipping", run_dir, previous.status, previous.best_val_top1)
         if changed:
@@ -255,7 +256,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 @contextmanager
-def agreed_start(config: dict, run_dir: Path, environ: Mapping[str, str] = os.environ) -> Iterator[Start]:
+def agreed_start(
+    config: dict, run_dir: Path, comparable: Callable[[dict], dict] = lambda config: config,
+    environ: Mapping[str, str] = os.environ,
+) -> Iterator[Start]:  # fmt: skip
     """The one decision for this run, and its lock while the body runs: decided here in a single process, read
     from the job that started these ranks (it set START_TOKEN, and holds the lock), or decided by rank 0 of the
     ranks a cluster launcher started (rank 0 holds the lock) and read by the others."""
@@ -276,7 +280,7 @@ def agreed_start(config: dict, run_dir: Path, environ: Mapping[str, str] = os.en
     with ExitStack() as held:
         try:
             held.enter_context(run_lock(run_dir))
-            start = decide_start(config, run_dir)
+            start = decide_start(config, run_dir, comparable)
         except (ConfigError, AlreadyRunning, UnreadableCheckpoint) as refusal:
             if channel is not None:  # the other ranks stop as well
                 channel.send(_message(None, refusal))
