@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from metaformer_lab.overrides import check_command_line, register_resolvers, without_null_groups
+from metaformer_lab.overrides import check_command_line, register_resolvers
 from metaformer_lab.registry import ConfigError
 
 register_resolvers()
@@ -79,8 +79,7 @@ def check_arguments(argv: list[str]) -> None:
     asks_for_help = args.help or args.hydra_help or args.info or args.shell_completion
     another_config = args.config_path or args.config_name or args.config_dir
     if not (asks_for_help or another_config):
-        check_command_line(args.overrides, multirun=args.multirun)
-        hydra_spelling = dict(zip(args.overrides, without_null_groups(args.overrides), strict=True))
+        hydra_spelling = dict(zip(args.overrides, check_command_line(args.overrides, args.multirun), strict=True))
         sys.argv[1:] = [hydra_spelling.get(arg, arg) for arg in argv]
 
 

@@ -177,23 +177,26 @@ def check_keys(overrides: Sequence[Override], jobs: Sequence[Sequence[str]]) -> 
                 raise ConfigError(f"+{key}", value, f"{key} exists; set it without '+': {key}={value}")
 
 
-def without_null_groups(args: Sequence[str]) -> list[str]:
+def _without_null_groups(overrides: Sequence[Override]) -> list[str]:
     """`debug=null` (no debug config, as by default) as Hydra spells it, `~debug`: Hydra refuses a null choice."""
     return [f"~{o.key_or_group}" if o.key_or_group in NULL_DEFAULT_GROUPS and not o.is_delete()
-            and not o.is_sweep_override() and o.value() is None else o.input_line for o in parse(args)]  # fmt: skip
+            and not o.is_sweep_override() and o.value() is None else o.input_line for o in overrides]  # fmt: skip
 
 
-def check_command_line(args: Sequence[str], multirun: bool = False) -> None:
-    """Every group choice and key of `run.py [-m] <args>` exists; a ConfigError for the first that does not."""
+def check_command_line(args: Sequence[str], multirun: bool = False) -> list[str]:
+    """Every group choice and key of `run.py [-m] <args>` exists, or a ConfigError for the first that does not;
+    returns `args` as Hydra is to be given them (`debug=null` as `~debug`), one for one."""
     overrides = parse(args)
     check_group_syntax(overrides)
     check_group_choices(overrides)
-    group_overrides = [o.input_line for o in overrides if is_group(o.key_or_group) and not o.is_delete()]
+    hydra_args = _without_null_groups(overrides)
+    groups = [line for line, o in zip(hydra_args, overrides, strict=True) if is_group(o.key_or_group)]
     if multirun:  # a sweep file may choose groups per job (sweep=table5: its experiments)
-        jobs = [[o.input_line for o in parse(job) if is_group(o.key_or_group)] for job in sweep_jobs(group_overrides)]
+        jobs = [[o.input_line for o in parse(job) if is_group(o.key_or_group)] for job in sweep_jobs(groups)]
     else:
-        jobs = [group_overrides]
+        jobs = [groups]
     check_keys(overrides, jobs)
+    return hydra_args
 
 
 def _canonical(value: Any) -> str:

@@ -44,7 +44,7 @@ from metaformer_lab.config import (
     train_batches_per_epoch,
     trainer_arguments,
 )  # fmt: skip
-from metaformer_lab.overrides import check_command_line, compose_raw, sweep_jobs, without_null_groups
+from metaformer_lab.overrides import check_command_line, compose_raw, sweep_jobs
 from metaformer_lab.record import FINAL, RECORD_NAME, read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.module import OptimSettings
@@ -88,8 +88,7 @@ class CheckedJob:
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The jobs `python run.py -m <overrides>` would launch, each as its list of overrides (checked as run.py checks
     its command line: every group choice and key exists)."""
-    check_command_line(overrides, multirun=True)
-    return sweep_jobs(without_null_groups(overrides))
+    return sweep_jobs(check_command_line(overrides, multirun=True))
 
 
 def compose_job(job: list[str]) -> tuple[DictConfig, str, DictConfig | None]:

@@ -135,11 +135,10 @@ class BareLoop:
 
 
 def bench_loop(overrides: list[str], steps: int, rounds: int) -> dict[str, Any]:
-    from metaformer_lab.overrides import check_command_line, without_null_groups
+    from metaformer_lab.overrides import check_command_line
     from metaformer_lab.plan import compose_job
 
-    check_command_line(overrides)
-    cfg = compose_job(without_null_groups(overrides))[0]
+    cfg = compose_job(check_command_line(overrides))[0]
     torch.manual_seed(cfg.seed)
     optim, datamodule = build_optim(cfg), build_datamodule(cfg)
     datamodule.setup("fit")
