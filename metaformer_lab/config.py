@@ -289,7 +289,9 @@ def optimizer_steps(trainer: L.Trainer, train_images: int, batch_size: int) -> t
     lines count. Lightning's `estimated_stepping_batches`, known before `fit` (which loads the data to count them),
     from the Trainer's settings as resolved (fast_dev_run sets max_steps, max_epochs and limit_train_batches): a step
     per accumulated group of batches and at each epoch's end, up to max_steps."""
-    batches = limited_batches(train_images // trainer.world_size // batch_size, trainer.limit_train_batches)
+    batches = train_batches_per_epoch(
+        {"limit_train_batches": trainer.limit_train_batches}, train_images, batch_size, trainer.world_size
+    )
     per_epoch = -(-batches // trainer.accumulate_grad_batches)  # rounded up
     steps = per_epoch * trainer.max_epochs
     return max(1, steps if trainer.max_steps == -1 else min(steps, trainer.max_steps)), per_epoch
