@@ -67,10 +67,16 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
+def affinity() -> list[int]:
+    """The CPUs the kernel lets this process run on (a SLURM task's own cores, a container's cpuset); all of them
+    where the platform cannot say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def usable_cpus(environ: Mapping[str, str] = os.environ) -> int:
-    """The CPUs this process may run on: its affinity (a SLURM task's own cores, a container's cpuset), at most
-    SLURM_CPUS_PER_TASK where set (a cluster that does not bind tasks to cores shows every task the whole node)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPUs this process may run on: its affinity, at most SLURM_CPUS_PER_TASK where set (a cluster that does
+    not bind tasks to cores shows every task the whole node)."""
+    cpus = len(affinity())
     if per_task := environ.get("SLURM_CPUS_PER_TASK"):
         cpus = min(cpus, int(per_task))
     return cpus

@@ -32,6 +32,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from metaformer_lab.config import comparable_config, process_count
+from metaformer_lab.data.datamodules import affinity
 from metaformer_lab.record import RECORD_NAME, RunRecord, read_record, write_json, write_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.train import end_line, now_utc, train
@@ -96,7 +97,7 @@ def train_in_fresh_processes(cfg: DictConfig, run_dir: Path, processes: int, gpu
     token = uuid.uuid4().hex
     publish(run_dir, token, start)
     env = {**os.environ, START_TOKEN: token}
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpus = affinity()
     if gpus is not None:  # the job's own GPUs, and its share of the CPUs (its loaders count these)
         env["CUDA_VISIBLE_DEVICES"] = gpus
         cpus = cpus_of_group(gpus, cpus)
