@@ -16,7 +16,7 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaformer_lab.data.datamodules import DATASETS
+from metaformer_lab.data.datamodules import DATASETS, augments_on_device
 from metaformer_lab.models import MetaFormer, create_model
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.module import OptimSettings
@@ -169,11 +169,17 @@ def resolve_device(trainer: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def comparable_config(config: dict) -> dict:
-    """A resolved config as a re-run compares it with its record's: the trainer's `auto` choices decided for this
-    machine, and the trainer keys added since a run may have begun (tf32, benchmark) at their default, so that a run
-    begun before they existed, or before a default became `auto`, resumes where nothing it computes has changed."""
-    trainer = {"tf32": "auto", "benchmark": "auto", **config.get("trainer", {})}
-    return {**config, "trainer": resolve_device(trainer)}
+    """A resolved config as a re-run compares it with its record's: the trainer's `auto` choices and
+    `data.augment_on` decided for this machine, and the trainer keys added since a run may have begun (tf32,
+    benchmark) at their default, so that a run begun before they existed, or before a default became `auto`,
+    resumes where nothing it computes has changed."""
+    trainer = resolve_device({"tf32": "auto", "benchmark": "auto", **config.get("trainer", {})})
+    comparable = {**config, "trainer": trainer}
+    if "data" in config:  # a run begun before data.augment_on existed augmented in the loader
+        on_device = augments_on_device(config["data"].get("augment_on", "loader"),
+                                       "cuda" if trainer["accelerator"] in ("gpu", "cuda") else "cpu")  # fmt: skip
+        comparable["data"] = {**config["data"], "augment_on": "device" if on_device else "loader"}
+    return comparable
 
 
 @contextlib.contextmanager

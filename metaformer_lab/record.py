@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 6  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
+SCHEMA_VERSION = 7  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
 #                   4: cuda_visible_devices; 5: data_wait_fraction, first_step_s;
-#                   6: channels_last, tf32, cudnn_benchmark
+#                   6: channels_last, tf32, cudnn_benchmark; 7: augment_on, max_side
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -54,6 +54,8 @@ class RunRecord:
     # as planned: "12 ep", "300+10 ep" (+ cooldown), "12 ep, max 20 steps", "12 ep, 10% batches", "fast_dev_run"
     schedule: str = ""
     train_images: int | None = None  # size of the training set
+    # data=shards converted with --max-side: images cut to this long side, not the source's pixels; None: as the source
+    max_side: int | None = None
     # images a loader could not decode, skipped (not trained on, not counted in top-1): per split, and their paths
     unreadable_images: dict[str, int] = field(default_factory=dict)
     unreadable_paths: list[str] = field(default_factory=list)  # the first 100
@@ -65,6 +67,7 @@ class RunRecord:
     channels_last: bool | None = None  # NHWC memory format
     tf32: bool | None = None  # fp32 matrix products and convolutions on TF32 tensor cores
     cudnn_benchmark: bool | None = None  # cuDNN autotuning (None also where the run left torch's setting as it was)
+    augment_on: str | None = None  # "device" or "loader", as resolved (data.augment_on); None: older record (loader)
     world_size: int = 1  # processes (devices x nodes)
     cuda_visible_devices: str | None = None  # the GPUs the run was given (launcher=gpus pins one group per job)
     # cost, in the paper's convention (see models/counting.py)

@@ -44,7 +44,7 @@ from metaformer_lab.config import (
     tf32_enabled,
     trainer_arguments,
 )
-from metaformer_lab.data.datamodules import ImageDataModule
+from metaformer_lab.data.datamodules import ImageDataModule, augments_on_device
 from metaformer_lab.models import measure_cost
 from metaformer_lab.record import RECORD_NAME, RunRecord, unwritable, write_record
 from metaformer_lab.registry import ConfigError
@@ -123,6 +123,7 @@ def _train(cfg: DictConfig, run_dir: Path, config: dict, begin: Start, callbacks
     record.global_batch, record.lr = optim.global_batch, optim.lr
     datamodule.setup("fit")  # the data's own checks (an image folder's layout) before anything is written
     record.schedule, record.train_images = schedule_label(optim, trainer_args), len(datamodule.train)
+    record.max_side = getattr(datamodule, "max_side", None)  # data=shards made with --max-side
     record.accelerator, record.precision = trainer_args["accelerator"], trainer_args["precision"]
     record.channels_last, record.tf32 = resolved["channels_last"], resolved["tf32"]
     record.cudnn_benchmark = trainer_args["benchmark"]
@@ -140,6 +141,7 @@ def _train(cfg: DictConfig, run_dir: Path, config: dict, begin: Start, callbacks
     record.cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     check_validation_interval(trainer_args, record.train_images, cfg.data.batch_size, trainer.world_size)
     device = trainer.strategy.root_device
+    record.augment_on = "device" if augments_on_device(cfg.data.augment_on, device.type) else "loader"
     record.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
     check_room(run_dir, record.params)  # on every rank: a refusal on rank 0 alone would leave the others waiting
@@ -286,9 +288,15 @@ def _log_start(
     log.info("  data %s: %s; %d per optimizer step = %d per device x %d device%s x %d accumulated", record.data,
              images, optim.global_batch, cfg.data.batch_size, trainer.world_size, "s" * (trainer.world_size > 1),
              trainer.accumulate_grad_batches)  # fmt: skip
+    if record.max_side is not None:
+        log.info("  images cut to a long side of %d px when converted to shards: not the source's pixels",
+                 record.max_side)  # fmt: skip
     if datamodule.num_workers != 0:  # 0: loaded in this process (the embedded data), nothing to say
         log.info("  loaders: %d training + %d validation processes per device (%s)",
                  *datamodule.loader_processes(trainer.num_devices))  # fmt: skip
+    if record.augment_on == "device":
+        log.info("  augmentation: per batch on the device (data.augment_on=%s; the loaders decode and cut)",
+                 cfg.data.augment_on)  # fmt: skip
     log.info("  schedule %s: %s", record.schedule, optim.describe(*steps))
     threads = torch.get_num_threads()
     on_cpu = f" ({threads} thread{'s' * (threads > 1)})" if record.accelerator == "cpu" else ""

@@ -21,6 +21,11 @@ QUICK = [
     "data.train_size=256", "data.val_size=128", "data.batch_size=64", "optim.global_batch=64", "optim.epochs=2",
     "optim.warmup_epochs=0", "logger=csv", "model.depths=[1,1,1,1]", "model.dims=[32,32,64,64]", "trainer=cpu",
 ]  # fmt: skip
+# one short epoch on an image folder (add data.root=...)
+FOLDER_RUN = [
+    "data=imagefolder", "data.image_size=32", "data.batch_size=10", "optim.global_batch=10", "data.num_workers=0",
+    "model.depths=[1,1,1,1]", "model.dims=[16,16,32,32]", "optim.epochs=1", "logger=csv", "trainer=cpu",
+]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -36,25 +36,28 @@ def test_loader_command_generates_a_folder_and_writes_json(tmp_path, capsys):
     out = tmp_path / "loader.json"  # in-process: `python -m` would spend most of its time importing lightning
     profile = tmp_path / "train.prof"
     main(["loader", "--images", "4", "--seconds", "0", "--train-throughput", "1000", "--json", str(out),
-          "--profile", str(profile)])  # fmt: skip
+          "--profile", str(profile), "--batch", "4", "--image-size", "64"])  # fmt: skip
     assert profile.stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "full / decode" in printed and "loader processes" in printed
+    assert "device path: " in printed and "augment_on=device" in printed and "loader processes" in printed
     report = json.loads(out.read_text())
     assert report["generated"] and report["images"] == 4 and report["torch_threads"] == 1
-    for pipeline in ("decode", "train", "eval"):
-        rate = report[pipeline]
+    for rate in (report["decode"], report["eval"], *report["paths"].values()):
         assert rate["images_per_s"] > 0 and rate["repeats"] >= 3
         assert rate["images_per_s"] * rate["ms_per_image"] == pytest.approx(1000)
-    ratio = report["train"]["ms_per_image"] / report["decode"]["ms_per_image"]
-    assert report["full_over_decode"] == pytest.approx(ratio)
-    assert report["workers_per_gpu"] == math.ceil(1000 / report["train"]["images_per_s"])
-    assert report["gpus_fed"] == report["cpu_count"] // report["workers_per_gpu"]
+    for path in report["paths"].values():  # the keys: {"paths": {"loader": {"x_decode": ...}, ...}}
+        assert path["x_decode"] == pytest.approx(path["ms_per_image"] / report["decode"]["ms_per_image"])
+        assert path["workers_per_gpu"] == math.ceil(1000 / path["images_per_s"])
+        assert path["gpus_fed"] == report["cpu_count"] // path["workers_per_gpu"]
+    assert report["paths"]["device"]["target_x_decode"] == 1.3
+    augment = report["device_augment"]
+    assert augment["device"] == "cpu" and augment["batch"] == 4 and augment["image_size"] == 64
+    assert augment["images_per_s"] == pytest.approx(
+        1000 / (augment["resize"]["ms_per_image"] + augment["randaugment"]["ms_per_image"]))
+    assert set(report["transport_images_per_s"]) == {"flat buffer", "list of tensors"}
     assert list(report["stages_ms_per_image"]) == list(STAGES)
     assert all(ms >= 0 for ms in report["stages_ms_per_image"].values())
     assert len(report["randaugment_op_ms"]) == 15 and report["randaugment_ops_per_image"] == 1.0
-    # ImageNet-like sizes at 224 px: a crop at least twice the output size needs a short side >= 448
-    assert 0 <= report["draft_applicable"]["train"] < 0.05 and report["draft_applicable"]["eval"] == 0
 
 
 def test_loader_on_a_given_root_without_randaugment(tmp_path, capsys, monkeypatch):
@@ -65,12 +68,16 @@ def test_loader_on_a_given_root_without_randaugment(tmp_path, capsys, monkeypatc
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     out = tmp_path / "loader.json"
     main(["loader", "--root", str(root), "--images", "3", "--seconds", "0", "--rand-augment", "none",
-          "--image-size", "64", "--json", str(out)])  # fmt: skip
+          "--image-size", "64", "--batch", "2", "--json", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert not report["generated"] and report["rand_augment"] is None and report["randaugment_op_ms"] == {}
-    assert report["cpu_count"] == 3 and report["gpus_fed"] == 3 // report["workers_per_gpu"]
+    assert "randaugment" not in report["device_augment"]
+    assert report["cpu_count"] == 3 and report["paths"]["loader"]["gpus_fed"] == 3 // report["paths"]["loader"][
+        "workers_per_gpu"]  # fmt: skip
     assert report["draft_applicable"]["eval"] == 1.0  # every short side halved is still >= floor(64 / 0.9)
     assert "no RandAugment" in capsys.readouterr().out
+    # ImageNet-like sizes at 64 px: crops twice the output size are common
+    assert report["draft_applicable"]["train"] > 0.3
 
 
 def test_loader_rejects_a_folder_without_train(tmp_path, capsys):
@@ -176,3 +183,17 @@ def test_a_sweeps_later_runs_in_one_process_begin_when_they_start(monkeypatch):
     monkeypatch.setattr(callbacks, "process_age_s", lambda: 3.0)
     assert callbacks.run_began(10.0) == 7.0  # the process's first run: from the command
     assert callbacks.run_began(50.0) == 50.0  # a later job of the same worker process: from its own start
+
+
+def test_loader_measures_a_shards_folder_as_it_measures_a_folder(tmp_path, capsys):
+    from metaformer_lab.data.shards import main as shards
+
+    folder = write_jpeg_folder(tmp_path / "jpegs", train_per_class=1, val_per_class=1, corrupt=1)
+    assert shards([str(folder), str(tmp_path / "shards"), "--processes", "1"]) == 0
+    out = tmp_path / "loader.json"
+    main(["loader", "--root", str(tmp_path / "shards"), "--images", "11", "--seconds", "0", "--image-size", "64",
+          "--batch", "2", "--json", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["root"] == str(tmp_path / "shards") and report["images"] == 11  # the unreadable one among them
+    assert all(path["images_per_s"] > 0 for path in report["paths"].values())
+    assert f"{tmp_path / 'shards'}/train" in capsys.readouterr().out

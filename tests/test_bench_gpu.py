@@ -57,8 +57,17 @@ def test_every_configuration_and_layout_is_measured_and_reported(monkeypatch, tm
         "lightning_over_bare": 0.97, "images_per_s": {"lightning": 9000.0}, "model": "small", "image_size": 64})
     tests = {"ran": True, "exit_code": 0, "seconds": 100.0, "passed": 8, "skipped": 1, "tail": ""}
     monkeypatch.setattr(gpu, "run_gpu_tests", lambda timeout_s: tests)
+    timed = []
+    real_time_device_augment = gpu.time_device_augment
+
+    def on_the_cpu(crops, image_size, augment, device, batch, seconds):  # the real timing, small, where torch is
+        timed.append((device.type, image_size, batch))
+        return real_time_device_augment(crops[:4], 32, augment, torch.device("cpu"), 4, 0)
+
+    monkeypatch.setattr(gpu, "time_device_augment", on_the_cpu)
     out = tmp_path / "gpu.json"
     bench_main(["gpu", "--json", str(out)])
+    assert timed == [("cuda", 224, 256)]
     assert sorted(calls) == sorted([(p, cl, c) for p, c in gpu.CONFIGURATIONS for cl in (True, False)])
     report = json.loads(out.read_text())
     assert report["model"]["channels_last_faster"] == {"32": False, "bf16-mixed": False, "bf16-mixed compiled": False}
@@ -66,6 +75,8 @@ def test_every_configuration_and_layout_is_measured_and_reported(monkeypatch, tm
     text = capsys.readouterr().out
     assert "gpu tests: 8 passed, 1 skipped" in text and "faster layout: 32: NCHW" in text
     assert "bf16-mixed + compile" in text and "Fake H200" in text
+    assert "device augmentation (data.augment_on=device), 4 crops to 32 px:" in text
+    assert report["device_augment"]["randaugment"]["images_per_s"] > 0
 
 
 def test_a_failing_configuration_is_a_row_with_its_error_and_compiling_waits_for_time(monkeypatch):

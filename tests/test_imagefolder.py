@@ -7,7 +7,7 @@ import shutil
 import lightning as L
 import pytest
 import torch
-from conftest import compose_config, run_cli
+from conftest import FOLDER_RUN, compose_config, run_cli
 
 from metaformer_lab.config import build_datamodule, build_model, build_optim
 from metaformer_lab.data.imagefolder import ImageFolderDataset
@@ -15,11 +15,6 @@ from metaformer_lab.data.jpeg_folder import class_folder, write_jpeg_folder
 from metaformer_lab.record import read_record
 from metaformer_lab.registry import ConfigError
 from metaformer_lab.training.module import ImageClassifier
-
-SMALL_RUN = [
-    "data=imagefolder", "data.image_size=32", "data.batch_size=10", "optim.global_batch=10", "data.num_workers=0",
-    "model.depths=[1,1,1,1]", "model.dims=[16,16,32,32]", "optim.epochs=1", "logger=csv", "trainer=cpu",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def test_unreadable_file_comes_out_marked_not_raised(folder):
 
 def test_a_run_on_a_folder_with_corrupt_files_completes_and_counts_them(folder, tmp_path):
     # loader processes as data.num_workers=auto starts them, capped at 2 CPUs (the way a SLURM task is)
-    run = [arg for arg in SMALL_RUN if not arg.startswith("data.num_workers=")]
+    run = [arg for arg in FOLDER_RUN if not arg.startswith("data.num_workers=")]
     result = run_cli(*run, "data.num_workers=auto", f"data.root={folder}", "data.rand_augment=rand-m9-mstd0.5-inc1",
                      "data.random_erasing=0.25", cwd=tmp_path, env={"SLURM_CPUS_PER_TASK": "2"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,7 +99,7 @@ def test_layout_errors_show_the_expected_layout(folder, tmp_path, breakage, mess
 
 
 def test_a_layout_error_stops_run_py_before_training_and_leaves_no_run(tmp_path):
-    result = run_cli(*SMALL_RUN, f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    result = run_cli(*FOLDER_RUN, f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert result.returncode != 0
     assert "data.root=" in result.stderr and "expected the ImageNet layout" in result.stderr
     assert "Traceback" not in result.stderr and not list(tmp_path.rglob("result.json"))

@@ -56,8 +56,9 @@ def test_per_stage_mixers_from_one_override(tmp_path):
 def test_record_schema_of_a_completed_run(tmp_path):
     train(compose_config(*QUICK, "optim.epochs=1", "seed=3"), tmp_path)
     data = json.loads((tmp_path / "result.json").read_text())
-    assert data["schema_version"] == 6 and data["status"] in STATUSES
+    assert data["schema_version"] == 7 and data["status"] in STATUSES
     assert data["unreadable_images"] == {"train": 0, "val": 0} and data["unreadable_paths"] == []
+    assert data["max_side"] is None  # not data=shards --max-side: the source's pixels
     assert (data["schedule"], data["train_images"], data["world_size"]) == ("1 ep", 256, 1)
     assert (data["accelerator"], data["device_name"], data["precision"]) == ("cpu", "cpu", "32")
     axes = ("model", "mixer", "pool_size", "norm", "act", "residual", "mlp", "seed", "data", "experiment")

@@ -30,16 +30,18 @@ MIXER_ARGUMENTS = {
 }  # fmt: skip
 _FROM_CONFIG = ("kernel_size", "head_dim")
 # the axes of a configuration, as tables group and show them: the record's, the mixer's arguments after the mixer
-TABLE_AXES = tuple(dict.fromkeys(["model", "mixer", *MIXER_ARGUMENTS, *CONFIG_AXES]))
+# augment_on: where the training images were augmented (data.augment_on as resolved), for the paths' parity sweep
+TABLE_AXES = tuple(dict.fromkeys(["model", "mixer", *MIXER_ARGUMENTS, *CONFIG_AXES, "augment_on"]))
 _PER_STAGE = {"pool_size": "Int64", "kernel_size": "Int64", "head_dim": "Int64", "residual": "boolean",
               "mlp": "boolean"}  # fmt: skip
-_INTS = ("seed", "image_size", "train_images", "params", "frozen_params", "macs", "epochs", "steps", "global_batch",
-         "world_size")  # fmt: skip
+_INTS = ("seed", "image_size", "train_images", "max_side", "params", "frozen_params", "macs", "epochs", "steps",
+         "global_batch", "world_size")  # fmt: skip
 _FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "lr", "wall_time_s")
 COLUMNS = (
-    "status", "error", *AXES, *_FROM_CONFIG, "mixer_stages", "schedule", "train_images", "protocol", "params",
-    "frozen_params", "macs", "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs", "steps",
-    "global_batch", "lr", "wall_time_s", "train_throughput_img_s", "accelerator", "device_name", "precision",
+    "status", "error", *AXES, *_FROM_CONFIG, "mixer_stages", "schedule", "train_images", "max_side", "augment_on",
+    "protocol",
+    "params", "frozen_params", "macs", "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs",
+    "steps", "global_batch", "lr", "wall_time_s", "train_throughput_img_s", "accelerator", "device_name", "precision",
     "channels_last", "tf32", "cudnn_benchmark",
     "world_size", "started_at", "finished_at", "git_commit", "wandb_id", "schema_version", "name", "run_dir",
     "config_key", "duplicate",
@@ -47,7 +49,8 @@ COLUMNS = (
 
 # a run's protocol: what its accuracy depends on besides the ablation axes. Runs of two protocols are never compared
 # in one column: a paper table has a "here" column per protocol, and its header names it.
-PROTOCOL_PARTS = ("data", "image_size", "train_images", "model", "schedule")
+# max_side: the long side a shards folder's images were cut to (data=shards --max-side), not the paper's pixels
+PROTOCOL_PARTS = ("data", "image_size", "max_side", "train_images", "model", "schedule")
 
 
 def config_key(config: dict[str, Any], axes: dict[str, Any] | None = None) -> str:
@@ -78,7 +81,9 @@ def record_row(record: RunRecord, run_dir: str, config: bool = False) -> dict[st
     row["mixer_stages"] = ",".join(record.mixer_stages)
     mixer = record.config.get("mixer")
     row.update({key: _stage_values(mixer.get(key)) if isinstance(mixer, dict) else None for key in _FROM_CONFIG})
-    row.update(run_dir=run_dir, name=Path(run_dir).name, config_key=config_key(record.config, row))
+    # the images' max side is DEST's (its manifest), not the config's: runs on cut images are another configuration
+    keyed = {**record.config, "max_side": record.max_side} if record.config and record.max_side else record.config
+    row.update(run_dir=run_dir, name=Path(run_dir).name, config_key=config_key(keyed, row))
     if config:
         row.update({f"config.{key}": value for key, value in _flatten(record.config).items()})
     return row
@@ -134,8 +139,10 @@ def protocol_label(run: Mapping[str, Any], omit: Collection[str] = ()) -> str:
         text["image_size"] = f"{int(run['image_size'])} px"
     if "train_images" in text:
         text["train_images"] = f"{_count(int(run['train_images']))} img"
+    if "max_side" in text:
+        text["max_side"] = f"max side {int(run['max_side'])}"
     items = [" ".join(text[key] for key in ("data", "image_size") if key in text)]  # "shapes 32 px"
-    items += [text[key] for key in ("train_images", "model", "schedule") if key in text]
+    items += [text[key] for key in ("max_side", "train_images", "model", "schedule") if key in text]
     return ", ".join(item for item in items if item) or "protocol unknown"
 
 

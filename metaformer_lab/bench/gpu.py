@@ -8,7 +8,9 @@
    compiled, each with channels_last on and off: training img/s, TFLOP/s against this card's measured matrix-product
    peak in the same dtype, peak memory; and which layout is faster in each (what `trainer.channels_last=auto`
    should choose on this kind of device);
-3. `bench loop`: Lightning's speed over a bare loop's on this GPU.
+3. `bench loop`: Lightning's speed over a bare loop's on this GPU;
+4. the device path's augmentation (`data.augment_on=device`): 256 ragged crops resized to 224 px and RandAugmented
+   on this GPU, images/s (as `bench loader` times it).
 All of it is printed and, with --json, written as JSON. Made to fit in 8 minutes on one GPU; on a machine without
 CUDA it stops with one line.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import signal
 import subprocess
@@ -27,8 +30,12 @@ from typing import Any
 
 import torch
 
+from metaformer_lab.bench.loader import time_device_augment
 from metaformer_lab.bench.loop import bench_loop
 from metaformer_lab.bench.model import bench_model
+from metaformer_lab.data.datamodules import CropSample
+from metaformer_lab.data.imagefolder import crop_box
+from metaformer_lab.data.randaugment import EXAMPLE, RandAugment
 
 TESTS = Path(__file__).parents[2] / "tests"
 MODEL, IMAGE_SIZE = "poolformer_s12", 224
@@ -117,8 +124,24 @@ def bench_gpu(batch_size: int, seconds: float, tests: bool, budget_s: float = BU
         report["loop"] = bench_loop(["data.image_size=64"], steps=40, rounds=2)
     except Exception as error:
         report["loop"] = {"error": f"{type(error).__name__}: {error}"}
+    try:
+        report["device_augment"] = device_augment(seconds)
+    except Exception as error:
+        report["device_augment"] = {"error": f"{type(error).__name__}: {error}"}
     report["seconds"] = time.perf_counter() - began
     return report
+
+
+def device_augment(seconds: float, batch: int = 256) -> dict[str, Any]:
+    """`bench loader`'s timing of the device path's per-batch work, on cuda: crops of ImageNet-like 500x375 images
+    (random pixels; the ops' cost does not depend on them) with the recipe's box and interpolation draws."""
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    crops = []
+    for _ in range(64):
+        x, y, w, h = crop_box(500, 375, rng)
+        pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator)
+        crops.append(CropSample(pixels, rng.random() < 0.5))
+    return time_device_augment(crops, IMAGE_SIZE, RandAugment.parse(EXAMPLE), torch.device("cuda"), batch, seconds)
 
 
 def print_gpu(report: dict[str, Any]) -> None:
@@ -151,6 +174,13 @@ def print_gpu(report: dict[str, Any]) -> None:
     else:
         speed = f"{loop['images_per_s']['lightning']:.0f} img/s, {loop['model']} at {loop['image_size']} px"
         print(f"  bench loop: Lightning at {loop['lightning_over_bare']:.3f}x the bare loop's speed ({speed})")
+    augment = report["device_augment"]
+    if "error" in augment:
+        print(f"  device augmentation: {augment['error']}")
+    else:
+        print(f"  device augmentation (data.augment_on=device), {augment['batch']} crops to {augment['image_size']} px:"
+              f" {augment['images_per_s']:.0f} img/s (resize {augment['resize']['images_per_s']:.0f}, RandAugment "
+              f"{augment['randaugment']['images_per_s']:.0f})")  # fmt: skip
     print(f"  {report['seconds']:.0f} s in all")
 
 

@@ -17,13 +17,16 @@ import logging
 import os
 import random
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
+from metaformer_lab.data.device_augment import rand_augment_batch, resize_crops
 from metaformer_lab.data.erasing import RandomErasing
 from metaformer_lab.data.randaugment import RandAugment
 from metaformer_lab.data.shapes import CLASS_NAMES, MAX_DISTRACTORS, ShapesDataset
@@ -36,6 +39,64 @@ VAL_SEED_OFFSET = 1_000_003  # validation images come from a disjoint seed strea
 
 
 SampleKey = int | tuple[int, int]  # an index, or (index, epoch) from the training loader
+AUGMENT_ON = ("auto", "device", "loader")
+
+
+def augments_on_device(augment_on: str, device_type: str) -> bool:
+    """Whether a run's training images are resized and RandAugmented per batch on its device (`device`) or per
+    image in the loader processes (`loader`); `auto`: on a GPU the device, on a CPU the loader (there the device is
+    the same CPU, and the loader processes are many)."""
+    return augment_on == "device" or (augment_on == "auto" and device_type not in ("cpu", "mps"))
+
+
+class CropSample(NamedTuple):
+    """A training image of the device path as a loader process leaves it: the crop box cut out (flipped where
+    drawn), not yet resized, and the interpolation drawn for its resize."""
+
+    pixels: torch.Tensor  # uint8 [h, w, 3], as decoded (the device permutes it: a view)
+    bicubic: bool
+
+
+@dataclass
+class CropBatch:
+    """A batch of ragged crops as one buffer: `pixels` is every crop's uint8 [h, w, 3] flattened, one after the
+    other; `sizes` their (h, w), known on the host, so that splitting them on the device reads nothing back.
+    One buffer, not a list of tensors: a loader process sends it as one shared-memory segment (`collate` writes it
+    there directly), where a list is one segment per image."""
+
+    pixels: torch.Tensor  # uint8 [sum of h * w * 3]
+    sizes: tuple[tuple[int, int], ...]
+    bicubic: tuple[bool, ...]  # host values, as `sizes`: a tensor would travel to the device with the pixels
+
+    @classmethod
+    def collate(cls, samples: list[tuple[CropSample, int]]) -> tuple[CropBatch, torch.Tensor]:
+        """The DataLoader's collate_fn for CropSamples: (CropBatch, int64 labels)."""
+        crops = [crop for crop, _ in samples]
+        flat = [crop.pixels.flatten() for crop in crops]
+        pixels = torch.empty(sum(map(len, flat)), dtype=torch.uint8)
+        if get_worker_info() is not None:  # in a loader process: straight into shared memory, as default_collate
+            pixels.share_memory_()
+        torch.cat(flat, out=pixels)
+        sizes = tuple(tuple(crop.pixels.shape[:2]) for crop in crops)
+        labels = torch.tensor([label for _, label in samples])
+        return cls(pixels, sizes, tuple(crop.bicubic for crop in crops)), labels
+
+    def pin_memory(self) -> CropBatch:  # the DataLoader's pin_memory thread calls this for custom batch types
+        return CropBatch(self.pixels.pin_memory(), self.sizes, self.bicubic)
+
+    def crops(self) -> list[torch.Tensor]:
+        """The crops as uint8 [3, h, w] views of `pixels` (sizes from the host: no sync)."""
+        lengths = [h * w * 3 for h, w in self.sizes]
+        views = zip(self.pixels.split(lengths), self.sizes, strict=True)
+        return [flat.view(h, w, 3).permute(2, 0, 1) for flat, (h, w) in views]
+
+    def select(self, keep: torch.Tensor) -> CropBatch:
+        """The crops where the CPU bool tensor `keep` is true (unreadable images dropped before the transfer)."""
+        flats = self.pixels.split([h * w * 3 for h, w in self.sizes])
+        crops = zip(flats, self.sizes, self.bicubic, strict=True)
+        kept = [crop for crop, k in zip(crops, keep.tolist(), strict=True) if k]
+        pixels = torch.cat([flat for flat, _, _ in kept]) if kept else self.pixels[:0]
+        return CropBatch(pixels, tuple(size for _, size, _ in kept), tuple(bicubic for _, _, bicubic in kept))
 
 
 class EpochSampler(DistributedSampler):
@@ -54,6 +115,11 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         skip = self.resume_images if self.epoch == self.resume_epoch else 0
         return ((index, self.epoch) for index in itertools.islice(super().__iter__(), skip, None))
+
+
+def collate(samples: list[tuple]) -> tuple:
+    """The loaders' collate_fn: torch's default, or a CropBatch for the device path's CropSamples."""
+    return CropBatch.collate(samples) if isinstance(samples[0][0], CropSample) else default_collate(samples)
 
 
 def sample_rng(seed: int, key: SampleKey) -> tuple[int, random.Random]:
@@ -121,9 +187,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self, image_size: int, batch_size: int, num_workers: int | str, shuffle_seed: int, crop_pct: float,
-        rand_augment: str | None, random_erasing: float,
+        rand_augment: str | None, random_erasing: float, augment_on: str = "auto",
     ) -> None:  # fmt: skip
         super().__init__()
+        _check("data.augment_on", augment_on, augment_on in AUGMENT_ON,
+               "auto, device or loader (where training images are resized and RandAugmented)")  # fmt: skip
+        self.augment_on = augment_on
         # parsed now: a bad policy is an error before any data is read
         self.rand_augment = RandAugment.parse(rand_augment) if rand_augment is not None else None
         is_number = isinstance(random_erasing, int | float) and not isinstance(random_erasing, bool)
@@ -144,10 +213,17 @@ class ImageDataModule(L.LightningDataModule):
         self._train_sampler: EpochSampler | None = None
         self._resume_at = (-1, 0)  # (epoch, images of it done) from a checkpoint
         self._normalization: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (mean, std)
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def split_sizes(self) -> tuple[int | None, int | None]:
         """(train, val) image counts, without loading anything; None where unknown. For cost estimates."""
         return None, None
+
+    @property
+    def augments_on_device(self) -> bool:
+        """`data.augment_on` decided for the run's device (the loader path without a trainer: bench, plan)."""
+        device_type = self.trainer.strategy.root_device.type if self.trainer is not None else "cpu"
+        return augments_on_device(self.augment_on, device_type)
 
     def loader_processes(self, devices_per_node: int) -> tuple[int, int, str]:
         """(training, validation) loader processes per device and why: `num_workers` for both, or for `auto` the
@@ -166,11 +242,14 @@ class ImageDataModule(L.LightningDataModule):
             dataset, world, rank, shuffle=train, seed=self.shuffle_seed, drop_last=train
         )
         if train:
+            if hasattr(dataset, "augment_on_device"):  # datasets with both paths: decided now, the device known
+                dataset.augment_on_device = self.augments_on_device
             sampler.resume_at(*self._resume_at)
             self._train_sampler = sampler
         return DataLoader(
             dataset, self.batch_size, sampler=sampler, drop_last=train, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=on_gpu,
+            collate_fn=collate,
             # its own generator: a loader's iterator draws its workers' base seed, which would otherwise come from
             # the global stream that drop path and mixup use, and shift it differently on a mid-epoch resume
             generator=torch.Generator().manual_seed(self.shuffle_seed),
@@ -211,12 +290,26 @@ class ImageDataModule(L.LightningDataModule):
                 self.unreadable[split].add(index)
                 log.warning("skipped unreadable image %s (%d in %s so far)", self.sample_path(split, index),
                             len(self.unreadable[split]), split)  # fmt: skip
-        return images[~bad], labels[~bad]
+        return images.select(~bad) if isinstance(images, CropBatch) else images[~bad], labels[~bad]
 
-    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int) -> tuple:
+    def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device: the device path's resize and RandAugment (training batches), then the normalization."""
         images, labels = batch
+        if isinstance(images, CropBatch):
+            images = resize_crops(images.crops(), self.image_size, images.bicubic)
+        training = isinstance(batch[0], CropBatch) or (self.trainer is not None and self.trainer.training)
+        if self.rand_augment is not None and training and self.augments_on_device:
+            images = rand_augment_batch(images, self.rand_augment, self._generator(images.device))
         mean, std = self._mean_std(images.device)
         return (images.float() / 255 - mean) / std, labels
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The device's generator for this batch's RandAugment draws, seeded from torch's global stream (on the
+        CPU: no sync), which each rank seeds apart and a checkpoint saves: a resume draws what an uninterrupted
+        run would, and the loader processes' count plays no part."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device)
+        return self._generators[device].manual_seed(int(torch.randint(2**62, ())))
 
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """mean and std as [1, 3, 1, 1] tensors on `device`, made once: no host-to-device copy per batch."""
@@ -246,8 +339,10 @@ class ShapesDataModule(ImageDataModule):
         crop_pct: float = 1.0,  # eval crop of image folders; generated images are made at size, so it is unused
         rand_augment: str | None = None,
         random_erasing: float = 0.0,
+        augment_on: str = "auto",
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct, rand_augment, random_erasing)
+        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct, rand_augment, random_erasing,
+                         augment_on)  # fmt: skip
         _check("data.train_size", train_size, isinstance(train_size, int) and train_size >= batch_size,
                f"at least one batch (data.batch_size={batch_size})")  # fmt: skip
         _check("data.val_size", val_size, isinstance(val_size, int) and val_size >= 1, "a positive whole number")
@@ -261,13 +356,15 @@ class ShapesDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is None:
             self.train = ShapesDataset(self.train_size, self.image_size, self.seed, self.max_distractors)
-            if self.rand_augment is not None:
+            if self.rand_augment is not None:  # in the loader, unless augment_on resolves to the device
                 self.train = RandAugmented(self.train, self.rand_augment, self.shuffle_seed)
             self.val = ShapesDataset(self.val_size, self.image_size, self.seed + VAL_SEED_OFFSET, self.max_distractors)
 
 
 class RandAugmented(Dataset):
     """A dataset of uint8 tensors with RandAugment applied per image (through Pillow), e.g. the generated shapes."""
+
+    augment_on_device = False  # set by the data module: then the device augments, and this passes images through
 
     def __init__(self, dataset: Dataset, rand_augment: RandAugment, seed: int) -> None:
         self.dataset, self.rand_augment, self.seed = dataset, rand_augment, seed
@@ -278,5 +375,7 @@ class RandAugmented(Dataset):
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
         index, rng = sample_rng(self.seed, key)
         image, label = self.dataset[index]
+        if self.augment_on_device:
+            return image, label
         augmented = self.rand_augment(Image.fromarray(image.permute(1, 2, 0).numpy()), rng)
         return image_tensor(augmented), label

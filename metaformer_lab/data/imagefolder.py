@@ -16,14 +16,23 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from metaformer_lab.data.datamodules import DATASETS, ImageDataModule, SampleKey, image_tensor, sample_rng
+from metaformer_lab.data.datamodules import (
+    DATASETS,
+    CropSample,
+    ImageDataModule,
+    SampleKey,
+    image_tensor,
+    sample_rng,
+)
 from metaformer_lab.data.index import IMAGE_SUFFIXES, ImageIndex, class_names, load_index
-from metaformer_lab.data.randaugment import RandAugment
+from metaformer_lab.data.randaugment import RESAMPLE, RandAugment
 from metaformer_lab.registry import ConfigError
 
 SPLITS = ("train", "val")
@@ -56,9 +65,19 @@ def check_layout(root: Path, splits: tuple[str, ...] = SPLITS) -> None:
             raise _layout_error(root, f"train/ and val/ have different class folders: {differ}")
 
 
-def random_resized_crop(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
-    """timm's RandomResizedCropAndInterpolation (scale 0.08-1, ratio 3/4-4/3, interpolation 'random')."""
-    width, height = image.size
+def decode(file: str | Path | BinaryIO) -> Image.Image:
+    """An image file (a path, or bytes in a BytesIO) decoded to RGB; raises one of UNREADABLE where it cannot be."""
+    image = Image.open(file)
+    try:
+        image.load()  # decodes, and closes a file Image.open opened itself (single-frame images: all of ours)
+    except BaseException:
+        image.close()
+        raise
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
+
+
+def crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of timm's RandomResizedCropAndInterpolation box (scale 0.08-1, ratio 3/4-4/3, 10 tries)."""
     area = width * height
     log_ratio = (math.log(3 / 4), math.log(4 / 3))
     for _ in range(10):
@@ -66,18 +85,23 @@ def random_resized_crop(image: Image.Image, size: int, rng: random.Random) -> Im
         ratio = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:
-            y, x = rng.randint(0, height - h), rng.randint(0, width - w)
-            break
-    else:  # the whole image, cut to the ratio range where it lies outside it (timm's fallback)
-        in_ratio = width / height
-        if in_ratio < 3 / 4:
-            w, h = width, round(width / (3 / 4))
-        elif in_ratio > 4 / 3:
-            w, h = round(height * (4 / 3)), height
-        else:
-            w, h = width, height
-        y, x = (height - h) // 2, (width - w) // 2
-    interpolation = rng.choice((Image.Resampling.BILINEAR, Image.Resampling.BICUBIC))
+            y = rng.randint(0, height - h)  # y drawn first, as timm
+            return rng.randint(0, width - w), y, w, h
+    # the whole image, cut to the ratio range where it lies outside it (timm's fallback)
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        w, h = width, round(width / (3 / 4))
+    elif in_ratio > 4 / 3:
+        w, h = round(height * (4 / 3)), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    """timm's RandomResizedCropAndInterpolation (`crop_box`, then bilinear or bicubic at random)."""
+    x, y, w, h = crop_box(*image.size, rng)
+    interpolation = rng.choice(RESAMPLE)
     # crop, then resize, as torchvision's resized_crop: a resize with box= would read pixels outside the box
     return image.crop((x, y, x + w, y + h)).resize((size, size), interpolation)
 
@@ -99,17 +123,80 @@ def center_crop(image: Image.Image, size: int, crop_pct: float) -> Image.Image:
     return image.crop((x, y, x + size, y + size))
 
 
-class ImageFolderDataset(Dataset):
-    """One split of an image folder: (uint8 [3, size, size] image, label), or label `-1 - index` if unreadable."""
+class ImageDataset(Dataset):
+    """One split of images with the recipe's transforms: (uint8 [3, size, size] image, label), or label
+    `-1 - index` if unreadable. Where the images come from is a subclass's: `open_image`, `label`, `describe`.
+
+    `augment_on_device` (training, `data.augment_on` decided as device): a training sample is only what must be done
+    per file, `(CropSample(uint8 [h, w, 3] crop of the box, flipped where drawn; bicubic), label)`, with the same box,
+    flip and interpolation draws as the loader path; the resize and RandAugment happen per batch on the device
+    (device_augment.py).
+    """
+
+    def __init__(
+        self, image_size: int, train: bool, crop_pct: float, rand_augment: RandAugment | None = None, seed: int = 0,
+        augment_on_device: bool = False,
+    ) -> None:  # fmt: skip
+        self.image_size, self.train, self.crop_pct = image_size, train, crop_pct
+        self.rand_augment, self.seed, self.augment_on_device = rand_augment, seed, augment_on_device
+
+    classes: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def open_image(self, index: int) -> Image.Image:
+        """Image `index`, decoded to RGB; raises one of UNREADABLE where it cannot be."""
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Where image `index` comes from, for the log of unreadable images."""
+        raise NotImplementedError
+
+    def read_bytes(self, index: int) -> bytes:
+        """The stored file of image `index`, undecoded (`decode(io.BytesIO(...))` is `open_image`)."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor | CropSample, int]:
+        """The image and its label; `key` (index, epoch) seeds a training image's draws (`sample_rng`)."""
+        index, rng = sample_rng(self.seed, key)
+        label = self.label(index)
+        try:
+            image = self.open_image(index)
+        except UNREADABLE:
+            if self.train and self.augment_on_device:
+                return CropSample(torch.zeros(1, 1, 3, dtype=torch.uint8), False), -1 - index
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1 - index
+        if not self.train:
+            return image_tensor(center_crop(image, self.image_size, self.crop_pct)), label
+        if self.augment_on_device:
+            x, y, w, h = crop_box(*image.size, rng)
+            bicubic = rng.choice(RESAMPLE) == Image.Resampling.BICUBIC
+            crop = image.crop((x, y, x + w, y + h))
+            if rng.random() < 0.5:  # flipping the crop before the resize is flipping the resized image
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return CropSample(torch.from_numpy(np.array(crop)), bicubic), label  # HWC: no permuted copy here
+        image = random_resized_crop(image, self.image_size, rng)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.rand_augment is not None:
+            image = self.rand_augment(image, rng)
+        return image_tensor(image), label
+
+
+class ImageFolderDataset(ImageDataset):
+    """One split of an image folder, `split_dir/<class>/<file>`, listed by its `ImageIndex`."""
 
     def __init__(
         self, split_dir: Path, image_size: int, train: bool, crop_pct: float, rand_augment: RandAugment | None = None,
-        seed: int = 0,
+        seed: int = 0, augment_on_device: bool = False,
     ) -> None:  # fmt: skip
+        super().__init__(image_size, train, crop_pct, rand_augment, seed, augment_on_device)
         self.split_dir = split_dir
         self.images: ImageIndex = load_index(split_dir)
-        self.image_size, self.train, self.crop_pct = image_size, train, crop_pct
-        self.rand_augment, self.seed = rand_augment, seed
 
     @property
     def classes(self) -> list[str]:
@@ -122,24 +209,17 @@ class ImageFolderDataset(Dataset):
         """The file of image `index`, made when asked for: the index holds no object per image (index.py)."""
         return self.split_dir / self.images.relative_path(index)
 
-    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
-        """The image and its label; `key` (index, epoch) seeds a training image's draws (`sample_rng`)."""
-        index, rng = sample_rng(self.seed, key)
-        label = int(self.images.labels[index])  # a Python int: a batch of labels collates to int64
-        try:
-            with Image.open(self.path(index)) as file:
-                image = file.convert("RGB")
-        except UNREADABLE:
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1 - index
-        if self.train:
-            image = random_resized_crop(image, self.image_size, rng)
-            if rng.random() < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if self.rand_augment is not None:
-                image = self.rand_augment(image, rng)
-        else:
-            image = center_crop(image, self.image_size, self.crop_pct)
-        return image_tensor(image), label
+    def describe(self, index: int) -> str:
+        return str(self.path(index))
+
+    def label(self, index: int) -> int:
+        return int(self.images.labels[index])  # a Python int: a batch of labels collates to int64
+
+    def read_bytes(self, index: int) -> bytes:
+        return self.path(index).read_bytes()
+
+    def open_image(self, index: int) -> Image.Image:
+        return decode(self.path(index))
 
 
 @DATASETS.register("imagefolder")
@@ -161,8 +241,10 @@ class ImageFolderDataModule(ImageDataModule):
         shuffle_seed: int = 0,
         rand_augment: str | None = None,
         random_erasing: float = 0.0,
+        augment_on: str = "auto",
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct, rand_augment, random_erasing)
+        super().__init__(image_size, batch_size, num_workers, shuffle_seed, crop_pct, rand_augment, random_erasing,
+                         augment_on)  # fmt: skip
         ok = num_classes is None or (isinstance(num_classes, int) and not isinstance(num_classes, bool))
         if not ok or (num_classes is not None and num_classes < 2):
             raise ConfigError("data.num_classes", num_classes, "a whole number >= 2, or null to count the folders")
@@ -193,12 +275,10 @@ class ImageFolderDataModule(ImageDataModule):
         if self.val is not None and (self.train is not None or splits == ("val",)):
             return
         self._check_root(splits)
-        self.val = ImageFolderDataset(self.root / "val", self.image_size, False, self.crop_pct)
+        self.val = self.dataset("val")
         datasets = {"val": self.val}
         if "train" in splits:
-            self.train = datasets["train"] = ImageFolderDataset(
-                self.root / "train", self.image_size, True, self.crop_pct, self.rand_augment, self.shuffle_seed
-            )
+            self.train = datasets["train"] = self.dataset("train")
         for split, dataset in datasets.items():
             if not len(dataset):
                 raise _layout_error(self.root, f"{split}/ has class folders but no images "
@@ -210,5 +290,12 @@ class ImageFolderDataModule(ImageDataModule):
                 f"the {len(datasets[split].classes)} class folders of {self.root / split} (or null to count them)",
             )  # fmt: skip
 
+    def dataset(self, split: str) -> ImageDataset:
+        """The `split` ("train": with the training transform, else the eval one) of the folder."""
+        if split == "train":
+            return ImageFolderDataset(self.root / split, self.image_size, True, self.crop_pct, self.rand_augment,
+                                      self.shuffle_seed)  # fmt: skip
+        return ImageFolderDataset(self.root / split, self.image_size, False, self.crop_pct)
+
     def sample_path(self, split: str, index: int) -> str:
-        return str((self.train if split == "train" else self.val).path(index))
+        return (self.train if split == "train" else self.val).describe(index)
