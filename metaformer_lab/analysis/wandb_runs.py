@@ -52,6 +52,7 @@ def _row(run: Any) -> dict[str, Any]:
         # the protocol, where training logged it (else the label has no schedule and training-set size)
         schedule=summary.get("schedule", config.get("schedule")) or "",
         train_images=summary.get("train_images", config.get("train_images")),
+        max_side=summary.get("max_side", config.get("max_side")),
         params=summary.get("params", config.get("params")),
         macs=summary.get("macs", config.get("macs")),
         best_val_top1=summary.get("best_val_top1"),
