@@ -124,11 +124,12 @@ BAD_OVERRIDES = {
     "t5_identity?",
     # an unknown key: Hydra would say to add it with `+`, which only leads to another error
     "optim.lrr=1": "error: optim.lrr=1: optim has no key lrr; valid keys of optim: optimizer, base_lr,",
-    "data.root=/nope": "error: data.root='/nope': data=shapes has no key root; data=imagefolder, data=imagenet take "
-    "data.root; valid keys of data: name, image_size,",
+    "data.root=/nope": "error: data.root='/nope': data=shapes has no key root; data=idx, data=imagefolder, "
+    "data=imagenet, data=shards take data.root; valid keys of data: name, image_size,",
     "model.dpeths=[1,1,1,1]": "error: model.dpeths=[1, 1, 1, 1]: model=small has no key dpeths; did you mean depths?",
     "trainer.max_step=20": "did you mean max_steps? valid keys of trainer: accelerator,",
-    "-m data.root=/x": "data=shapes has no key root; data=imagefolder, data=imagenet take data.root",
+    "-m data.root=/x": "data=shapes has no key root; data=idx, data=imagefolder, data=imagenet, data=shards take "
+    "data.root",
 }
 
 

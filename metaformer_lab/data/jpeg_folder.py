@@ -64,6 +64,30 @@ def write_jpeg_folder(
     return root
 
 
+def write_idx_as_jpeg_folder(
+    idx_root: str | Path, root: str | Path, train_per_class: int, val_per_class: int, quality: int = 90
+) -> Path:
+    """An MNIST-format data set (data/idx.py: e.g. Fashion-MNIST) as a folder in the ImageNet layout: the first
+    `*_per_class` images of each class of its train and t10k splits, greyscale JPEGs at their own size. Real
+    photographs whose labels a horizontal flip keeps, unlike the generated shapes' left/right relations: for
+    checks that need the paper's augmentation to leave something to learn (the augment_on parity sweep)."""
+    from metaformer_lab.data.idx import read_split  # only this writer reads IDX files
+
+    root = Path(root)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        images, labels = read_split(Path(idx_root), split, num_classes=256)
+        classes = sorted(set(labels.tolist()))
+        for label in classes:
+            folder = root / split / f"{label:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            chosen = np.flatnonzero(labels == label)[:per_class]
+            if len(chosen) < per_class:
+                raise RuntimeError(f"{split}: class {label} has {len(chosen)} images, fewer than {per_class}")
+            for number, index in enumerate(chosen):
+                Image.fromarray(images[index]).save(folder / f"{split}_{number:05d}.JPEG", quality=quality)
+    return root
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m metaformer_lab.data.jpeg_folder", description=__doc__.split("\n\n")[1],
@@ -74,10 +98,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=5)
     parser.add_argument("--corrupt", type=int, default=0, help="unreadable .JPEG files per split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-idx", metavar="FOLDER", help="write an MNIST-format data set's images (its four "
+                        "IDX files in FOLDER, e.g. /usr/share/datasets/fashion-mnist), not generated shapes")
     args = parser.parse_args(argv)
-    root = write_jpeg_folder(args.root, args.train_per_class, args.val_per_class, args.corrupt, args.seed)
-    total = (args.train_per_class + args.val_per_class) * len(CLASS_NAMES)
-    print(f"{root}: {total} JPEGs in {len(CLASS_NAMES)} classes, {args.corrupt} unreadable per split; "
+    if args.from_idx is not None:
+        if args.corrupt:
+            parser.error("--corrupt applies to the generated shapes")
+        root = write_idx_as_jpeg_folder(args.from_idx, args.root, args.train_per_class, args.val_per_class)
+        classes = len(list((root / "train").iterdir()))
+    else:
+        root = write_jpeg_folder(args.root, args.train_per_class, args.val_per_class, args.corrupt, args.seed)
+        classes = len(CLASS_NAMES)
+    total = (args.train_per_class + args.val_per_class) * classes
+    print(f"{root}: {total} JPEGs in {classes} classes, {args.corrupt} unreadable per split; "
           f"train with: python run.py data=imagefolder data.root={root}")  # fmt: skip
 
 
