@@ -140,7 +140,7 @@ def device_augment(seconds: float, batch: int = 256) -> dict[str, Any]:
     for _ in range(64):
         x, y, w, h = crop_box(500, 375, rng)
         pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator)
-        crops.append(CropSample(pixels, rng.random() < 0.5))
+        crops.append(CropSample(pixels.numpy(), rng.random() < 0.5))
     return time_device_augment(crops, IMAGE_SIZE, RandAugment.parse(EXAMPLE), torch.device("cuda"), batch, seconds)
 
 

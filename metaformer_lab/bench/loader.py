@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL
 import torch
 from PIL import Image, features
@@ -233,7 +234,8 @@ class _Crops(Dataset):
 
 
 def _collate_list(samples: list[tuple[CropSample, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    return [crop.pixels for crop, _ in samples], torch.tensor([crop.bicubic for crop, _ in samples])
+    tensors = [torch.from_numpy(np.array(crop.pixels)) for crop, _ in samples]  # each its own tensor
+    return tensors, torch.tensor([crop.bicubic for crop, _ in samples])
 
 
 def time_transport(crops: list[CropSample], batch: int, workers: int, batches: int = 20) -> dict[str, float]:

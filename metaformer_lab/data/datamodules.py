@@ -53,7 +53,7 @@ class CropSample(NamedTuple):
     """A training image of the device path as a loader process leaves it: the crop box cut out (flipped where
     drawn), not yet resized, and the interpolation drawn for its resize."""
 
-    pixels: torch.Tensor  # uint8 [h, w, 3], as decoded (the device permutes it: a view)
+    pixels: np.ndarray  # uint8 [h, w, 3], as decoded, flipped as a view: copied once, into the batch's buffer
     bicubic: bool
 
 
@@ -72,11 +72,13 @@ class CropBatch:
     def collate(cls, samples: list[tuple[CropSample, int]]) -> tuple[CropBatch, torch.Tensor]:
         """The DataLoader's collate_fn for CropSamples: (CropBatch, int64 labels)."""
         crops = [crop for crop, _ in samples]
-        flat = [crop.pixels.flatten() for crop in crops]
-        pixels = torch.empty(sum(map(len, flat)), dtype=torch.uint8)
+        pixels = torch.empty(sum(crop.pixels.size for crop in crops), dtype=torch.uint8)
         if get_worker_info() is not None:  # in a loader process: straight into shared memory, as default_collate
             pixels.share_memory_()
-        torch.cat(flat, out=pixels)
+        buffer, start = pixels.numpy(), 0
+        for crop in crops:
+            buffer[start : start + crop.pixels.size].reshape(crop.pixels.shape)[...] = crop.pixels
+            start += crop.pixels.size
         sizes = tuple(tuple(crop.pixels.shape[:2]) for crop in crops)
         labels = torch.tensor([label for _, label in samples])
         return cls(pixels, sizes, tuple(crop.bicubic for crop in crops)), labels

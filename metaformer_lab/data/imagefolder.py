@@ -168,17 +168,17 @@ class ImageDataset(Dataset):
             image = self.open_image(index)
         except UNREADABLE:
             if self.train and self.augment_on_device:
-                return CropSample(torch.zeros(1, 1, 3, dtype=torch.uint8), False), -1 - index
+                return CropSample(np.zeros((1, 1, 3), np.uint8), False), -1 - index
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), -1 - index
         if not self.train:
             return image_tensor(center_crop(image, self.image_size, self.crop_pct)), label
         if self.augment_on_device:
             x, y, w, h = crop_box(*image.size, rng)
             bicubic = rng.choice(RESAMPLE) == Image.Resampling.BICUBIC
-            crop = image.crop((x, y, x + w, y + h))
+            crop = np.asarray(image.crop((x, y, x + w, y + h)))  # [h, w, 3]: no permuted copy here
             if rng.random() < 0.5:  # flipping the crop before the resize is flipping the resized image
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return CropSample(torch.from_numpy(np.array(crop)), bicubic), label  # HWC: no permuted copy here
+                crop = crop[:, ::-1]  # a view: the collate's one copy flips it
+            return CropSample(crop, bicubic), label
         image = random_resized_crop(image, self.image_size, rng)
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
