@@ -40,7 +40,7 @@ from metaformer_lab.analysis import (
 from metaformer_lab.analysis.__main__ import main
 from metaformer_lab.analysis.collect import MIXER_ARGUMENTS
 from metaformer_lab.analysis.plots import label_extents, point_labels
-from metaformer_lab.analysis.tables import PAPER_COLUMNS, ROW_AXES, here_columns
+from metaformer_lab.analysis.tables import PAPER_COLUMNS, ROW_AXES, here_columns, protocol_agreement
 from metaformer_lab.config import build_model, run_axes
 from metaformer_lab.models.mixers import MIXERS
 from metaformer_lab.record import RunRecord, write_record
@@ -337,6 +337,39 @@ def test_axis_table_for_any_sweep(tmp_path):
     assert list(table["Top-1 (%, mean ± std, n)"]) == ["40.0 ± 0.0 (n=2)", "55.0 ± 7.1 (n=2)"]
     assert to_latex(table).startswith(r"\begin{tabular}{lrrrr}")  # mixer, params, MACs, top-1, top-5
     assert table.attrs["notes"] == ["protocol of all rows: shapes 32 px, 20k img, poolformer_s12, 3 ep"]
+
+
+def test_two_proxies_side_by_side_say_which_rows_go_the_papers_way_at_two_standard_errors(tmp_path, capsys):
+    # two CPU proxies of Table 5: the relational task (shapes) and Fashion-MNIST (idx), 3 seeds each
+    scores = {  # experiment: (shapes top-1 per seed, idx top-1 per seed)
+        "t5_baseline": ((0.97, 0.98, 0.97), (0.890, 0.885, 0.888)),
+        "t5_identity": ((0.30, 0.22, 0.26), (0.899, 0.896, 0.897)),  # paper -2.9: shapes agrees, idx opposite
+        "t5_nonorm": ((0.11, 0.10, 0.11), (0.870, 0.890, 0.881)),  # paper -31.1: idx -2.0, +0.5, -0.7: within 2 SE
+        "t5_pool5": ((0.95, 0.96, 0.94), (0.880, 0.880, 0.880)),  # paper 0.0: no sign to agree with
+    }
+    for experiment, (shapes, idx) in scores.items():
+        for seed in range(3):
+            fake_run(tmp_path, experiment, seed, shapes[seed], sweep="relational", model="tiny2x2", epochs=16)
+            fake_run(tmp_path, experiment, seed, idx[seed], sweep="fmnist", model="tiny", data="idx", epochs=8,
+                     train_images=60_000)  # fmt: skip
+    assert main([str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    relational, fmnist = "shapes 32 px, 20k img, tiny2x2, 16 ep", "idx 32 px, 60k img, tiny, 8 ep"
+    table = protocol_agreement(paper_table(collect_runs(tmp_path)).attrs["comparison"]).set_index("Variant")
+    pairs = [list(table.columns[i : i + 2]) for i in (2, 4)]  # a pair per protocol, most completed runs first
+    assert list(table.columns[:2]) == ["Ablation", "Δ paper"] and sorted(pairs) == [
+        [f"Δ here (Δ / SE): {fmnist}", f"Sign at > 2 SE: {fmnist}"],
+        [f"Δ here (Δ / SE): {relational}", f"Sign at > 2 SE: {relational}"]]  # fmt: skip
+    identity, nonorm = table.loc["Pooling → Identity mapping"], table.loc["Modified Layer Normalization → None"]
+    assert identity[f"Sign at > 2 SE: {relational}"] == "agrees" and identity[f"Sign at > 2 SE: {fmnist}"] == "opposite"
+    assert identity[f"Δ here (Δ / SE): {fmnist}"].startswith("+1.0 (+")
+    assert nonorm[f"Sign at > 2 SE: {fmnist}"] == "within 2 SE" and nonorm["Δ paper"] == "-31.1"
+    assert table.loc["Pooling size 3 → 5", f"Sign at > 2 SE: {fmnist}"] == "—"  # the paper's Δ is 0.0
+    assert table.loc["GELU → ReLU", f"Δ here (Δ / SE): {fmnist}"] == "—"  # no runs
+    assert "The protocols side by side" in printed.out and "| Sign at > 2 SE: idx 32 px" in printed.out
+    assert (f"note: {fmnist}: 0 of 2 rows agree in sign with the paper at > 2 SE; opposite at > 2 SE: "
+            "Pooling → Identity mapping; Spearman rank correlation") in printed.err  # fmt: skip
+    assert f"note: {relational}: 2 of 2 rows agree" in printed.err
 
 
 def test_axis_table_with_two_protocols_has_a_protocol_column(tmp_path):

@@ -60,28 +60,38 @@ def test_the_table_reports_the_rank_correlation_with_the_paper(tmp_path):
            f"rows: {rho:.2f}" in notes
 
 
-def test_every_row_on_the_proxy_keeps_its_axes_and_shares_one_recipe():
+PROXIES = {"table5": ("tiny2x2", "shapes", []),  # proxy: (model, data, what the sweep needs on its command line)
+           "table5_fmnist": ("tiny", "idx", ["data.root=/usr/share/datasets/fashion-mnist"])}
+
+
+@pytest.mark.parametrize("proxy", PROXIES)
+def test_every_row_on_the_proxy_keeps_its_axes_and_shares_one_recipe(proxy):
+    model_name, data_name, _ = PROXIES[proxy]
     recipes = set()
     for experiment in ROWS:
         paper_row = compose_config(f"experiment={experiment}", "data=shapes")
-        proxy_row = compose_config(f"experiment={experiment}", "proxy=table5")
-        assert proxy_row.model.name == "tiny2x2" and proxy_row.data.name == "shapes"
+        proxy_row = compose_config(f"experiment={experiment}", f"proxy={proxy}")
+        assert proxy_row.model.name == model_name and proxy_row.data.name == data_name
         recipe = {group: OmegaConf.to_container(proxy_row[group]) for group in RECIPE_GROUPS}
         model = OmegaConf.to_container(proxy_row.model)
         recipe["model"] = {key: value for key, value in model.items() if key not in ("residual", "mlp")}
         recipes.add(repr(recipe))
         proxy_axes = run_axes(proxy_row, build_model(proxy_row, num_classes=10))
         paper_axes = run_axes(paper_row, build_model(paper_row, num_classes=10))
-        assert proxy_axes.pop("model") == "tiny2x2" and paper_axes.pop("model") == "poolformer_s12"
+        assert proxy_axes.pop("model") == model_name and paper_axes.pop("model") == "poolformer_s12"
+        assert proxy_axes.pop("data") == data_name and paper_axes.pop("data") == "shapes"
         assert proxy_axes == paper_axes, experiment
     assert len(recipes) == 1  # no per-row tuning: the ImageNet recipe's batch 1024 of the hybrids is gone too
 
 
-def test_the_proxy_sweep_runs_every_row_in_directories_of_its_own():
-    jobs = expand_sweep(["sweep=table5_proxy", "seed=0,1,2"])
+@pytest.mark.parametrize("proxy", PROXIES)
+def test_the_proxy_sweep_runs_every_row_in_directories_of_its_own(proxy):
+    sweep, (_, _, given) = f"{proxy}_proxy", PROXIES[proxy]
+    jobs = expand_sweep([f"sweep={sweep}", "seed=0,1,2", *given])
     assert len(jobs) == 3 * 18
     experiments = {next(o for o in job if o.startswith("experiment=")).split("=")[1] for job in jobs}
     assert experiments == set(ROWS)
     cfg, run_dir, _ = compose_job(jobs[0])
-    assert cfg.proxy == "table5" and cfg.sweep_name == "table5_proxy"
-    assert run_dir == "runs/experiment=t5_baseline,proxy=table5,seed=0"  # not the ImageNet row's directory
+    assert cfg.proxy == proxy and cfg.sweep_name == sweep
+    root = "".join(f"{o.replace('/', '_')}," for o in given)  # the command line's own keys name the directory too
+    assert run_dir == f"runs/{root}experiment=t5_baseline,proxy={proxy},seed=0"  # not the ImageNet row's directory

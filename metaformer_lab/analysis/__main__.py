@@ -18,6 +18,7 @@ from metaformer_lab.analysis.tables import (
     TABLES,
     axis_table,
     paper_table,
+    protocol_agreement,
     report_notes,
     to_csv,
     to_latex,
@@ -75,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         table = paper_table(df, args.table)
     print(RENDER[args.format](table), end="" if args.format == "csv" else "\n")
+    comparison = table.attrs.get("comparison")
+    if comparison is not None and comparison["protocol"].nunique() > 1:  # e.g. both CPU proxies of Table 5
+        agreement = protocol_agreement(comparison)
+        print("\nThe protocols side by side: Δ vs the baseline, paired by seed, and its sign against the paper's")
+        print(RENDER[args.format](agreement), end="" if args.format == "csv" else "\n")
+        table.attrs["notes"] = [*table.attrs.get("notes", []), *agreement.attrs["notes"]]
 
     print(f"\n{len(df)} run records; {int((df['status'] == 'completed').sum())} completed", file=sys.stderr)
     for note in report_notes(df, table):

@@ -223,6 +223,47 @@ def report_notes(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     return notes + list(table.attrs.get("notes", []))
 
 
+def _resolved_sign(row: pd.Series) -> str:
+    """Whether a row's paired Δ here goes the paper's way at more than 2 standard errors: "agrees", "opposite",
+    "within 2 SE" (or fewer than 2 paired seeds), and "—" where the paper's Δ has no sign (0.0) or there are no runs."""
+    if row["baseline"] or row["paired_n"] == 0 or round(row["delta_paper"], 1) == 0:
+        return DASH
+    if row["paired_n"] < 2 or pd.isna(row["paired_t"]) or abs(row["paired_t"]) <= 2:
+        return "within 2 SE"
+    return "agrees" if (row["paired_delta"] > 0) == (row["delta_paper"] > 0) else "opposite"
+
+
+def protocol_agreement(comparison: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """The protocols of a paper table side by side (e.g. the two CPU proxies of Table 5): per row, the paper's Δ vs
+    its baseline, then per protocol the paired Δ here with its Δ / SE and whether its sign is the paper's at more
+    than 2 SE (`_resolved_sign`). `attrs["notes"]`: per protocol, which rows agree and which go the other way at
+    > 2 SE, and Spearman's rank correlation of top-1 with the paper's."""
+    blocks = [(protocol, block) for protocol, block in protocol_blocks(comparison) if protocol is not None]
+    first = blocks[0][1] if blocks else comparison
+    out = pd.DataFrame({"Ablation": first["ablation"].to_numpy(), "Variant": first["variant"].to_numpy(),
+                        "Δ paper": _deltas(first, "delta_paper", 1)})  # fmt: skip
+    notes = []
+    for protocol, block in blocks:
+        out[f"Δ here (Δ / SE): {protocol}"] = [
+            "baseline" if row["baseline"] else DASH if pd.isna(row["paired_delta"]) else
+            f"{_delta(row['paired_delta'], digits)} ({_delta(row['paired_t'], 1)})" for _, row in block.iterrows()
+        ]  # fmt: skip
+        verdicts = [_resolved_sign(row) for _, row in block.iterrows()]
+        out[f"Sign at > 2 SE: {protocol}"] = ["" if base else v for base, v in zip(block["baseline"], verdicts,
+                                                                                    strict=True)]  # fmt: skip
+        signed = [v for v in verdicts if v != DASH]
+        named = {kind: [variant for variant, v in zip(block["variant"], verdicts, strict=True) if v == kind]
+                 for kind in ("agrees", "opposite")}  # fmt: skip
+        rho, rows = rank_correlation(block)
+        notes.append(
+            f"{protocol}: {len(named['agrees'])} of {len(signed)} rows agree in sign with the paper at > 2 SE; "
+            f"opposite at > 2 SE: {', '.join(named['opposite']) or 'none'}; Spearman rank correlation of top-1 "
+            f"with the paper's over {rows} rows: {rho:.2f}"
+        )  # fmt: skip
+    out.attrs.update(notes=notes)
+    return out
+
+
 def rank_correlation(block: pd.DataFrame) -> tuple[float, int]:
     """(Spearman's rho between our top-1 and the paper's over the rows of one protocol that have runs, rows)."""
     have = block[block["n"] > 0]
