@@ -118,7 +118,8 @@ BAD_OVERRIDES = {
     "debug=quik": "error: debug='quik': no such debug; did you mean quick? valid choices: quick, null",
     "experiment=t5_identty trainer.fast_dev_run=true": "error: experiment='t5_identty': no such experiment; did you "
     "mean t5_identity? valid choices: baselines_caformer_b36,",
-    "proxy=tabel5": "error: proxy='tabel5': no such proxy; did you mean table5? valid choices: table5, table5_fmnist, null",
+    "proxy=tabel5": "error: proxy='tabel5': no such proxy; did you mean table5? valid choices: table5, "
+    "table5_fmnist, null",
     "-m sweep=tabel5 debug=quick": "error: sweep='tabel5': no such sweep; did you mean table5? valid choices: ",
     "-m experiment=t5_identity,t5_idenity": "error: experiment='t5_idenity': no such experiment; did you mean "
     "t5_identity?",
