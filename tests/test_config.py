@@ -354,6 +354,26 @@ def test_quick_mode_turns_every_experiment_into_a_small_check_with_its_axes(name
     build_model(quick, build_datamodule(quick).num_classes, device="meta")
 
 
+DATA_SETS = sorted(path.stem for path in (ROOT / "conf" / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("data", DATA_SETS)
+def test_quick_mode_shortens_the_data_set_the_command_names(data):
+    # debug=quick keeps a data set named on the command line and sets only keys that data set has
+    # (conf/debug_data/quick_<data>.yaml, which each data set needs: a missing one would leave the run long)
+    assert (ROOT / "conf" / "debug_data" / f"quick_{data}.yaml").is_file()
+    cfg = compose_config("debug=quick", f"data={data}")
+    if "root" in cfg.data:
+        cfg.data.root = "/data/somewhere"
+    assert cfg.data.name == data and cfg.debug == "quick"
+    build_datamodule(cfg)  # every data key is one the data module takes
+    if "train_size" in cfg.data:
+        assert cfg.data.train_size <= 8000 and cfg.data.val_size <= 1000
+    else:
+        assert cfg.trainer.limit_train_batches * cfg.data.batch_size <= 8000 and cfg.data.image_size <= 64
+    assert compose_config(f"data={data}").trainer.limit_train_batches is None
+
+
 def test_quick_cpu_version_of_every_sweep_row_builds(tmp_path):
     for name in EXPERIMENTS:  # the documented `data=shapes model=small` shortcut works for every paper row
         cfg = compose_config(f"experiment={name}", "data=shapes", "model=small")
