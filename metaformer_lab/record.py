@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 7  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
+SCHEMA_VERSION = 8  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
 #                   4: cuda_visible_devices; 5: data_wait_fraction, first_step_s;
-#                   6: channels_last, tf32, cudnn_benchmark; 7: augment_on, max_side
+#                   6: channels_last, tf32, cudnn_benchmark; 7: augment_on, max_side; 8: val_history
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -79,6 +79,9 @@ class RunRecord:
     best_val_top5: float | None = None
     final_val_top1: float | None = None
     final_val_top5: float | None = None
+    # every validation: {"epoch", "step", "top1", "top5"} (fractions), in order: the learning curve, to see whether a
+    # budget ended while a row was still learning; [] in older records
+    val_history: list[dict[str, float]] = field(default_factory=list)
     epochs: int = 0  # completed epochs
     steps: int = 0  # optimizer steps
     global_batch: int | None = None

@@ -373,3 +373,4 @@ def _summarize(record: RunRecord, trainer: L.Trainer, history: ValidationHistory
         best, final = history.best(), history.history[-1]
         record.best_val_top1, record.best_val_top5 = best["top1"], best["top5"]
         record.final_val_top1, record.final_val_top5 = final["top1"], final["top5"]
+        record.val_history = [dict(validation) for validation in history.history]

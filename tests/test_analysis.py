@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import types
+from collections.abc import Sequence
 from pathlib import Path
 
 import nbformat
@@ -68,12 +69,12 @@ def fake_run(root: Path, experiment: str | None, seed: int, top1: float | None =
              finished_at: str = "2025-01-01T00:00:00", *, model: str = "poolformer_s12", data: str = "shapes",
              image_size: int = 32, train_images: int | None = 20_000, schedule: str | None = None,
              norm: str | None = None, params: int = 11_915_176, macs: int = 1_822_700_000,
-             lr: float | None = None, **other_axes: str | int | bool) -> Path:  # fmt: skip
+             lr: float | None = None, curve: Sequence[float] = (), **other_axes: str | int | bool) -> Path:  # fmt: skip
     """A run directory as training leaves it: named by its overrides, with a record and a resolved config.
 
     The axes (ROW_AXES: `mixer`, `norm`, `pool_size`, ...) are the paper row's of `experiment` (the baseline's
     without one) unless given. `schedule=None`: "<epochs> ep", as training records it; "" for a record older than the
-    field."""
+    field. `curve`: top-1 at each validation (`val_history`; none, as in an older record, by default)."""
     given = {axis: value for axis, value in dict(other_axes, mixer=mixer, norm=norm).items() if value is not None}
     row = ROW.get(experiment, ROW["t5_baseline"])
     axes = {**row, **given}
@@ -99,6 +100,7 @@ def fake_run(root: Path, experiment: str | None, seed: int, top1: float | None =
         best_val_top1=top1, best_val_top5=None if top1 is None else top1 + 0.2, final_val_top1=top1, epochs=epochs,
         steps=30 * epochs, finished_at=finished_at, config=config, train_images=train_images,
         schedule=f"{epochs} ep" if schedule is None else schedule,
+        val_history=[{"epoch": i, "step": 30 * (i + 1), "top1": c, "top5": c} for i, c in enumerate(curve)],
     ))  # fmt: skip
     return run_dir
 
@@ -370,6 +372,33 @@ def test_two_proxies_side_by_side_say_which_rows_go_the_papers_way_at_two_standa
     assert (f"note: {fmnist}: 0 of 2 rows agree in sign with the paper at > 2 SE; opposite at > 2 SE: "
             "Pooling → Identity mapping; Spearman rank correlation") in printed.err  # fmt: skip
     assert f"note: {relational}: 2 of 2 rows agree" in printed.err
+    out = tmp_path / "tables"
+    assert main([str(tmp_path), "--out", str(out)]) == 0
+    side_by_side = printed.out.split("The protocols side by side")[1].split("\n", 1)[1]
+    assert (out / "protocols.md").read_text() == side_by_side and (out / "protocols.csv").is_file()
+    assert main([str(tmp_path / "relational"), "--out", str(out)]) == 0  # one protocol: no side by side
+    assert not (out / "protocols.md").exists() and (out / "table.md").is_file()
+
+
+def test_a_budget_that_ends_while_a_configuration_still_learns_is_named(tmp_path, capsys):
+    # the gain of top-1 over the last two validations, mean over the seeds with a learning curve
+    fake_run(tmp_path, "t5_baseline", 0, 0.80, curve=(0.5, 0.7, 0.795, 0.80, 0.80))  # +0.5
+    fake_run(tmp_path, "t5_baseline", 1, 0.80, curve=(0.5, 0.7, 0.79, 0.79, 0.80))  # +1.0
+    fake_run(tmp_path, "t5_baseline", 2, 0.80)  # an older record: no curve, left out
+    runs = collect_runs(tmp_path)
+    assert sorted(runs["late_gain_pct"].dropna().round(6)) == [0.5, 1.0]
+    assert main([str(tmp_path)]) == 0
+    protocol = "shapes 32 px, 20k img, poolformer_s12, 3 ep"  # the configurations' own, model included
+    assert (
+        f"note: {protocol}: none of its 1 configurations still learning at the end: each gained under 1 point of "
+        "top-1 over the last 2 validations, mean over seeds (most: +experiment=t5_baseline,optim.epochs=3: +0.8)"
+    ) in capsys.readouterr().err
+    for seed, curve in enumerate([(0.1, 0.2, 0.3, 0.5), (0.1, 0.2, 0.3, 0.4)]):  # +30 and +20 points
+        fake_run(tmp_path, "t5_identity", seed, curve[-1], curve=curve)
+    assert main([str(tmp_path)]) == 0
+    assert (f"note: {protocol}: still learning at the end (top-1 over the last 2 validations, mean over seeds, >= 1 "
+            "point): +experiment=t5_identity,optim.epochs=3: +25.0 (a longer budget may change these rows)"
+            ) in capsys.readouterr().err  # fmt: skip
 
 
 def test_axis_table_with_two_protocols_has_a_protocol_column(tmp_path):

@@ -29,6 +29,9 @@ def test_run_py_trains_and_writes_a_completed_record(tmp_path, precision):
     assert (record.mixer, record.norm, record.act, record.model) == ("identity", "layernorm", "gelu", "small")
     assert record.epochs == 2 and record.steps == 8 and record.global_batch == 64
     assert 0.0 <= record.best_val_top1 <= 1.0 and record.best_val_top1 >= record.final_val_top1
+    assert [(v["epoch"], v["step"]) for v in record.val_history] == [(0, 4), (1, 8)]  # the learning curve
+    assert record.val_history[-1]["top1"] == record.final_val_top1
+    assert max(v["top1"] for v in record.val_history) == record.best_val_top1
     assert record.params > 0 and record.macs > 0 and record.train_throughput_img_s > 0
     assert str(record.config["trainer"]["precision"]) == precision
     run_dir = Path(record.run_dir)
@@ -56,7 +59,8 @@ def test_per_stage_mixers_from_one_override(tmp_path):
 def test_record_schema_of_a_completed_run(tmp_path):
     train(compose_config(*QUICK, "optim.epochs=1", "seed=3"), tmp_path)
     data = json.loads((tmp_path / "result.json").read_text())
-    assert data["schema_version"] == 7 and data["status"] in STATUSES
+    assert data["schema_version"] == 8 and data["status"] in STATUSES
+    assert [v["epoch"] for v in data["val_history"]] == [0]  # schema 8: the learning curve
     assert data["unreadable_images"] == {"train": 0, "val": 0} and data["unreadable_paths"] == []
     assert data["max_side"] is None  # not data=shards --max-side: the source's pixels
     assert (data["schedule"], data["train_images"], data["world_size"]) == ("1 ep", 256, 1)
@@ -226,6 +230,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     straight, again = weights("straight"), weights("resumed")
     assert all(torch.equal(straight[k], again[k]) for k in straight)
     assert resumed.best_val_top1 == read_record(tmp_path / "straight").best_val_top1
+    assert resumed.val_history == read_record(tmp_path / "straight").val_history  # both segments' validations
 
 
 def test_rerun_with_other_settings_never_mixes_into_the_old_run(tmp_path, caplog):

@@ -18,7 +18,7 @@ from metaformer_lab.analysis.tables import (
     TABLES,
     axis_table,
     paper_table,
-    protocol_agreement,
+    protocols_side_by_side,
     report_notes,
     to_csv,
     to_latex,
@@ -37,7 +37,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="a paper table, or `axes`: one row per configuration of any sweep")  # fmt: skip
     parser.add_argument("--axis", help="with --table axes: the axes to show, comma-separated (default: those varying)")
     parser.add_argument("--format", choices=list(RENDER), default="markdown", help="what is printed")
-    parser.add_argument("--out", type=Path, help="write table.md/.tex/.csv, runs.csv and the plots (PNG, PDF) here")
+    parser.add_argument("--out", type=Path, help="write table.md/.tex/.csv, protocols.md/.tex/.csv (two protocols or "
+                        "more side by side), runs.csv and the plots (PNG, PDF) here")  # fmt: skip
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of this wandb project")
     args = parser.parse_args(argv)
     if not args.dirs and not args.wandb:
@@ -76,9 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         table = paper_table(df, args.table)
     print(RENDER[args.format](table), end="" if args.format == "csv" else "\n")
-    comparison = table.attrs.get("comparison")
-    if comparison is not None and comparison["protocol"].nunique() > 1:  # e.g. both CPU proxies of Table 5
-        agreement = protocol_agreement(comparison)
+    agreement = protocols_side_by_side(table)  # e.g. both CPU proxies of Table 5
+    if agreement is not None:
         print("\nThe protocols side by side: Δ vs the baseline, paired by seed, and its sign against the paper's")
         print(RENDER[args.format](agreement), end="" if args.format == "csv" else "\n")
         table.attrs["notes"] = [*table.attrs.get("notes", []), *agreement.attrs["notes"]]
@@ -93,20 +93,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report("Duplicates: one configuration and seed recorded more than once (counted once)", duplicates)
 
     if args.out is not None:
-        written, unplotted = _write(args.out, df, table)
+        written, unplotted = _write(args.out, df, table, agreement)
         print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
         if unplotted:
             print(f"not written, nothing to plot (see the notes): {', '.join(unplotted)}", file=sys.stderr)
     return 0
 
 
-def _write(out: Path, df: pd.DataFrame, table: pd.DataFrame) -> tuple[list[Path], list[str]]:
+def _write(
+    out: Path, df: pd.DataFrame, table: pd.DataFrame, agreement: pd.DataFrame | None = None
+) -> tuple[list[Path], list[str]]:
     """The table's files and plots in `out`: (paths written, names of the plots with nothing to show)."""
     out.mkdir(parents=True, exist_ok=True)
     texts = {"table.md": to_markdown(table), "table.tex": to_latex(table), "table.csv": to_csv(table),
              "runs.csv": to_csv(df)}  # fmt: skip
     if "comparison" in table.attrs:  # the paper table's numbers, unformatted
         texts["comparison.csv"] = to_csv(table.attrs["comparison"])
+    for suffix, render in {"md": to_markdown, "tex": to_latex, "csv": to_csv}.items():  # the protocols side by side
+        if agreement is not None:
+            texts[f"protocols.{suffix}"] = render(agreement)
+        else:  # one of an earlier call, with other runs, would read as this one's
+            (out / f"protocols.{suffix}").unlink(missing_ok=True)
     written = []
     for name, text in texts.items():
         (out / name).write_text(text if text.endswith("\n") else text + "\n")

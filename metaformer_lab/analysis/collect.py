@@ -21,7 +21,7 @@ from metaformer_lab.record import AXES, CONFIG_AXES, NON_RESULT_KEYS, RECORD_NAM
 RUN_SPECIFIC_KEYS = ("seed", *NON_RESULT_KEYS, "data.root")
 # `config` (the whole resolved Hydra config) and `versions` are nested dicts: they would make runs.csv unreadable,
 # so they are left out; `config_key` stands for the config, and `collect_runs(..., config=True)` flattens it.
-_NESTED = ("config", "versions")
+_NESTED = ("config", "versions", "val_history")
 # the mixers' arguments, and the mixers that take each (the classes of models/mixers.py; a test keeps this twin
 # true): in a run whose stages have none of them, the value was never used. pool_size is a record axis; kernel_size
 # and head_dim are read from the run's resolved config (`mixer.kernel_size`, `mixer.head_dim`).
@@ -36,13 +36,13 @@ _PER_STAGE = {"pool_size": "Int64", "kernel_size": "Int64", "head_dim": "Int64",
               "mlp": "boolean"}  # fmt: skip
 _INTS = ("seed", "image_size", "train_images", "max_side", "params", "frozen_params", "macs", "epochs", "steps",
          "global_batch", "world_size")  # fmt: skip
-_FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "lr", "wall_time_s")
+_FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "late_gain_pct", "lr", "wall_time_s")
 COLUMNS = (
     "status", "error", *AXES, *_FROM_CONFIG, "mixer_stages", "schedule", "train_images", "max_side", "augment_on",
     "protocol",
-    "params", "frozen_params", "macs", "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "epochs",
-    "steps", "global_batch", "lr", "wall_time_s", "train_throughput_img_s", "accelerator", "device_name", "precision",
-    "channels_last", "tf32", "cudnn_benchmark",
+    "params", "frozen_params", "macs", "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5",
+    "late_gain_pct", "epochs", "steps", "global_batch", "lr", "wall_time_s", "train_throughput_img_s", "accelerator",
+    "device_name", "precision", "channels_last", "tf32", "cudnn_benchmark",
     "world_size", "started_at", "finished_at", "git_commit", "wandb_id", "schema_version", "name", "run_dir",
     "config_key", "duplicate",
 )  # fmt: skip
@@ -79,6 +79,7 @@ def record_row(record: RunRecord, run_dir: str, config: bool = False) -> dict[st
     """One DataFrame row from a record; `run_dir` is where the record was found (its own field may be stale)."""
     row = {key: value for key, value in asdict(record).items() if key not in _NESTED}
     row["mixer_stages"] = ",".join(record.mixer_stages)
+    row["late_gain_pct"] = late_gain(record.val_history)
     mixer = record.config.get("mixer")
     row.update({key: _stage_values(mixer.get(key)) if isinstance(mixer, dict) else None for key in _FROM_CONFIG})
     # the images' max side is DEST's (its manifest), not the config's: runs on cut images are another configuration
@@ -87,6 +88,18 @@ def record_row(record: RunRecord, run_dir: str, config: bool = False) -> dict[st
     if config:
         row.update({f"config.{key}": value for key, value in _flatten(record.config).items()})
     return row
+
+
+LATE_VALIDATIONS = 2  # a run still learning at its end gained top-1 over this many last validations
+
+
+def late_gain(val_history: list[dict[str, float]]) -> float | None:
+    """Top-1 points a run gained over its last LATE_VALIDATIONS validations (its last epochs, validating once an
+    epoch): large where the budget ended while it was still learning. None with fewer validations (older records
+    have none)."""
+    if len(val_history) <= LATE_VALIDATIONS:
+        return None
+    return 100 * (val_history[-1]["top1"] - val_history[-1 - LATE_VALIDATIONS]["top1"])
 
 
 def _stage_values(value: Any) -> Any:
@@ -206,7 +219,7 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
 
     Accuracies are in percent here (records store fractions). A seed recorded twice counts once: the copy that
     finished last. Columns: config_key, the axes (TABLE_AXES), schedule, train_images, protocol, name, seeds, n,
-    top1/top5 mean and std, params, frozen_params, macs, epochs.
+    top1/top5 mean and std, params, frozen_params, macs, epochs, late_gain_mean_pct (`late_gain`, mean over seeds).
     """
     done = completed_runs(df)
     rows = []
@@ -220,11 +233,11 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
             "n": len(runs), "top1_mean_pct": top1.mean(), "top1_std_pct": top1.std(),  # std: ddof=1, NaN for n=1
             "top5_mean_pct": top5.mean(), "top5_std_pct": top5.std(),
             "params": first["params"], "frozen_params": first["frozen_params"], "macs": first["macs"],
-            "epochs": runs["epochs"].max(),
+            "epochs": runs["epochs"].max(), "late_gain_mean_pct": runs["late_gain_pct"].mean(),
         })  # fmt: skip
     columns = ["config_key", *TABLE_AXES, "schedule", "train_images", "protocol", "name", "seeds", "n",
                "top1_mean_pct", "top1_std_pct", "top5_mean_pct", "top5_std_pct", "params", "frozen_params", "macs",
-               "epochs"]  # fmt: skip
+               "epochs", "late_gain_mean_pct"]  # fmt: skip
     agg = pd.DataFrame(rows, columns=columns)
     return agg.sort_values(["experiment", *TABLE_AXES[:-1]], na_position="last", kind="stable", ignore_index=True)
 

@@ -17,7 +17,14 @@ from typing import Any
 
 import pandas as pd
 
-from metaformer_lab.analysis.collect import TABLE_AXES, aggregate_seeds, axis_applies, completed_runs, protocol_label
+from metaformer_lab.analysis.collect import (
+    LATE_VALIDATIONS,
+    TABLE_AXES,
+    aggregate_seeds,
+    axis_applies,
+    completed_runs,
+    protocol_label,
+)
 from metaformer_lab.analysis.stats import paired_difference, spearman
 from metaformer_lab.registry import did_you_mean
 
@@ -220,7 +227,31 @@ def report_notes(df: pd.DataFrame, table: pd.DataFrame) -> list[str]:
                      "has some")  # fmt: skip
     if not with_results.empty and with_results["macs"].isna().all():
         notes.append("no completed run records its MACs: no plot of accuracy against compute")
-    return notes + list(table.attrs.get("notes", []))
+    return notes + list(table.attrs.get("notes", [])) + learning_at_the_end(with_results)
+
+
+STILL_LEARNING_PCT = 1.0  # top-1 points over the last LATE_VALIDATIONS validations: the budget ended too soon
+
+
+def learning_at_the_end(agg: pd.DataFrame, threshold: float = STILL_LEARNING_PCT) -> list[str]:
+    """Per protocol, a note on whether its budget let every configuration learn what it could: those that gained
+    `threshold` points of top-1 or more over their last validations (mean over seeds: `late_gain`), or the one
+    that gained most. Runs with no learning curve (older records, few validations) are left out."""
+    notes = []
+    curves = agg[agg["late_gain_mean_pct"].notna()]
+    for protocol, rows in curves.groupby("protocol", sort=False, dropna=False):
+        rows = rows.sort_values("late_gain_mean_pct", ascending=False, kind="stable")
+        gains = [f"{name}: {_delta(gain, 1)}" for name, gain in zip(rows["name"], rows["late_gain_mean_pct"],
+                                                                       strict=True)]  # fmt: skip
+        rising = int((rows["late_gain_mean_pct"] >= threshold).sum())
+        over = f"top-1 over the last {LATE_VALIDATIONS} validations, mean over seeds"
+        if rising:
+            notes.append(f"{protocol}: still learning at the end ({over}, >= {threshold:g} point): "
+                         f"{'; '.join(gains[:rising])} (a longer budget may change these rows)")  # fmt: skip
+        else:
+            notes.append(f"{protocol}: none of its {len(rows)} configurations still learning at the end: each "
+                         f"gained under {threshold:g} point of {over} (most: {gains[0]})")  # fmt: skip
+    return notes
 
 
 def _resolved_sign(row: pd.Series) -> str:
@@ -262,6 +293,15 @@ def protocol_agreement(comparison: pd.DataFrame, digits: int = 1) -> pd.DataFram
         )  # fmt: skip
     out.attrs.update(notes=notes)
     return out
+
+
+def protocols_side_by_side(table: pd.DataFrame) -> pd.DataFrame | None:
+    """`protocol_agreement` of a paper table (`paper_table`) whose runs hold two or more protocols (both CPU proxies
+    of Table 5), else None: the command's and the notebook's second table."""
+    comparison = table.attrs.get("comparison")
+    if comparison is None or comparison["protocol"].nunique() < 2:
+        return None
+    return protocol_agreement(comparison)
 
 
 def rank_correlation(block: pd.DataFrame) -> tuple[float, int]:
