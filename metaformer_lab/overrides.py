@@ -31,6 +31,8 @@ from metaformer_lab.registry import ConfigError, did_you_mean
 CONF = Path(__file__).parents[1] / "conf"
 # groups chosen in the defaults list with `null` (none) by default; their files override what comes before them
 NULL_DEFAULT_GROUPS = ("sweep", "experiment", "proxy", "debug", "launcher")
+# groups the config chooses itself, from other choices: not a command-line choice
+DERIVED_GROUPS = {"debug_data": "debug=quick chooses it from the data set (conf/config.yaml)"}
 # nodes that take more keys than they list, with `+`: Lightning's Trainer arguments, the MetaFormer's arguments
 OPEN_NODES = {"trainer": "any other lightning.Trainer argument", "model": "any other MetaFormer argument"}
 
@@ -76,6 +78,9 @@ def check_group_choices(overrides: Sequence[Override]) -> None:
     """Every choice of a config group names one of its files; `null` only where the group's default is none."""
     for override in overrides:
         group = override.key_or_group
+        if group in DERIVED_GROUPS:
+            raise ConfigError(group, override.input_line.partition("=")[2] or None,
+                              f"not a choice of its own: {DERIVED_GROUPS[group]}")  # fmt: skip
         if override.is_delete() or not is_group(group):
             continue
         valid = group_choices(group)
@@ -145,6 +150,8 @@ def _unknown_key_message(cfg: DictConfig, key: str, parent: str, part: str, choi
                   is None]  # fmt: skip
         if takers:
             where += f"; {', '.join(takers)} take{'s' * (len(takers) == 1)} {key}"
+            if parent == "data" and choices.get("debug") == "quick":  # over a proxy's or a sweep's data set too
+                where += " (debug=quick chose data=shapes: name the data set on the command line, e.g. data=idx)"
     message = f"{where}; {did_you_mean(part, valid)}valid keys of {parent or 'the config'}: {', '.join(valid)}"
     if parent in OPEN_NODES:
         message += f" ({OPEN_NODES[parent]}: +{parent}.<name>=...)"

@@ -16,7 +16,7 @@ from typing import Any
 
 SCHEMA_VERSION = 8  # 2: schedule, train_images, accelerator, device_name, precision, world_size; 3: unreadable_*;
 #                   4: cuda_visible_devices; 5: data_wait_fraction, first_step_s;
-#                   6: channels_last, tf32, cudnn_benchmark; 7: augment_on, max_side; 8: val_history
+#                   6: channels_last, tf32, cudnn_benchmark; 7: augment_on, max_side; 8: val_history, data_digest
 RECORD_NAME = "result.json"
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINAL = ("completed", "diverged")  # outcomes a re-run keeps rather than recomputes
@@ -56,6 +56,9 @@ class RunRecord:
     train_images: int | None = None  # size of the training set
     # data=shards converted with --max-side: images cut to this long side, not the source's pixels; None: as the source
     max_side: int | None = None
+    # the training split's content, where the data module gives one (data=idx): MNIST and Fashion-MNIST have the same
+    # sizes and sit at any path, so this keeps their runs apart in analysis
+    data_digest: str | None = None
     # images a loader could not decode, skipped (not trained on, not counted in top-1): per split, and their paths
     unreadable_images: dict[str, int] = field(default_factory=dict)
     unreadable_paths: list[str] = field(default_factory=list)  # the first 100

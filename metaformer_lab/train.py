@@ -124,6 +124,7 @@ def _train(cfg: DictConfig, run_dir: Path, config: dict, begin: Start, callbacks
     datamodule.setup("fit")  # the data's own checks (an image folder's layout) before anything is written
     record.schedule, record.train_images = schedule_label(optim, trainer_args), len(datamodule.train)
     record.max_side = getattr(datamodule, "max_side", None)  # data=shards made with --max-side
+    record.data_digest = getattr(datamodule, "digest", None)  # data=idx: which MNIST-format data set
     record.accelerator, record.precision = trainer_args["accelerator"], trainer_args["precision"]
     record.channels_last, record.tf32 = resolved["channels_last"], resolved["tf32"]
     record.cudnn_benchmark = trainer_args["benchmark"]
@@ -355,9 +356,8 @@ def _finish_wandb(logger: WandbLogger, record: RunRecord) -> None:
     run = logger._experiment  # None on other ranks, and before anything was logged
     if run is None:
         return
-    run.summary.update(
-        {"params": record.params, "macs": record.macs, "best_val_top1": record.best_val_top1, "status": record.status}
-    )
+    run.summary.update({"params": record.params, "macs": record.macs, "best_val_top1": record.best_val_top1,
+                        "status": record.status, "val_history": record.val_history})  # fmt: skip
     run.finish(exit_code=0 if record.status == "completed" else 1)
 
 

@@ -380,6 +380,17 @@ def test_two_proxies_side_by_side_say_which_rows_go_the_papers_way_at_two_standa
     assert not (out / "protocols.md").exists() and (out / "table.md").is_file()
 
 
+def test_runs_on_two_mnist_format_data_sets_are_never_seeds_of_one_configuration(tmp_path):
+    # MNIST and Fashion-MNIST: the same sizes, any data.root (left out of config_key); the digest tells them apart
+    for name, digest in (("mnist", "aaaaaaaaaaaa"), ("fashion", "bbbbbbbbbbbb")):
+        run_dir = fake_run(tmp_path / name, "t5_identity", 0, 0.9, data="idx", train_images=60_000)
+        record = json.loads((run_dir / "result.json").read_text())
+        (run_dir / "result.json").write_text(json.dumps({**record, "data_digest": digest}))
+    runs = collect_runs(tmp_path)
+    assert runs["config_key"].nunique() == 2 and not runs["duplicate"].any()
+    assert sorted(runs["data_digest"]) == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+
+
 def test_a_budget_that_ends_while_a_configuration_still_learns_is_named(tmp_path, capsys):
     # the gain of top-1 over the last two validations, mean over the seeds with a learning curve
     fake_run(tmp_path, "t5_baseline", 0, 0.80, curve=(0.5, 0.7, 0.795, 0.80, 0.80))  # +0.5
@@ -391,13 +402,13 @@ def test_a_budget_that_ends_while_a_configuration_still_learns_is_named(tmp_path
     protocol = "shapes 32 px, 20k img, poolformer_s12, 3 ep"  # the configurations' own, model included
     assert (
         f"note: {protocol}: none of its 1 configurations still learning at the end: each gained under 1 point of "
-        "top-1 over the last 2 validations, mean over seeds (most: +experiment=t5_baseline,optim.epochs=3: +0.8)"
+        "top-1 over the last 2 validations, mean over seeds (most: baseline +0.8)"
     ) in capsys.readouterr().err
     for seed, curve in enumerate([(0.1, 0.2, 0.3, 0.5), (0.1, 0.2, 0.3, 0.4)]):  # +30 and +20 points
         fake_run(tmp_path, "t5_identity", seed, curve[-1], curve=curve)
     assert main([str(tmp_path)]) == 0
     assert (f"note: {protocol}: still learning at the end (top-1 over the last 2 validations, mean over seeds, >= 1 "
-            "point): +experiment=t5_identity,optim.epochs=3: +25.0 (a longer budget may change these rows)"
+            "point): identity +25.0 (a longer budget may change these rows)"
             ) in capsys.readouterr().err  # fmt: skip
 
 
@@ -610,8 +621,10 @@ def test_wandb_offline_fails_clearly_and_runs_read_into_the_schema(monkeypatch):
     run = types.SimpleNamespace(
         id="abc", url="https://wandb.ai/me/metaformer/runs/abc", state="finished",
         config={"model": "small", "mixer": "identity", "seed": 1, "experiment": "t5_identity", "params": 5,
-                "config": {"seed": 1, "experiment": "t5_identity", "data": {"image_size": 32}}},
-        summary={"params": 5, "macs": 7, "best_val_top1": 0.5, "status": "completed"},
+                "config": {"seed": 1, "experiment": "t5_identity", "data": {"image_size": 32}},
+                "data_digest": "abcdef012345"},
+        summary={"params": 5, "macs": 7, "best_val_top1": 0.5, "status": "completed",
+                 "val_history": [{"epoch": e, "step": e, "top1": t, "top5": t} for e, t in enumerate((.3, .4, .5))]},
     )  # fmt: skip
     api = types.SimpleNamespace(runs=lambda path: [run])
     df = collect_wandb("me/metaformer", api=api)
@@ -619,6 +632,7 @@ def test_wandb_offline_fails_clearly_and_runs_read_into_the_schema(monkeypatch):
     row = df.iloc[0]
     assert (row["status"], row["mixer"], row["seed"], row["image_size"], row["macs"]) == (
         "completed", "identity", 1, 32, 7)  # fmt: skip
+    assert row["data_digest"] == "abcdef012345" and row["late_gain_pct"] == pytest.approx(20.0)
     assert paper_table(df).loc[1, "Top-1 here: 32 px, small (%, mean ± std, n)"] == "50.0 (n=1)"
 
 

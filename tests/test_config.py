@@ -131,6 +131,11 @@ BAD_OVERRIDES = {
     "trainer.max_step=20": "did you mean max_steps? valid keys of trainer: accelerator,",
     "-m data.root=/x": "data=shapes has no key root; data=idx, data=imagefolder, data=imagenet, data=shards take "
     "data.root",
+    "-m sweep=table5_fmnist_proxy debug=quick data.root=/x": "data=shapes has no key root; data=idx, data=imagefolder"
+    ", data=imagenet, data=shards take data.root (debug=quick chose data=shapes: name the data set on the command "
+    "line, e.g. data=idx)",
+    "debug_data=quick_idx": "error: debug_data='quick_idx': not a choice of its own: debug=quick chooses it from the "
+    "data set",
 }
 
 

@@ -77,6 +77,19 @@ def test_gzipped_and_plain_files_read_alike(tmp_path):
             assert np.array_equal(images, arrays[split, "images"]) and np.array_equal(labels, arrays[split, "labels"])
 
 
+def test_the_digest_tells_data_sets_apart_whatever_their_form_and_path(tmp_path):
+    # MNIST-format data sets share sizes and file names: the record's data_digest keeps their runs apart
+    write_dataset(tmp_path / "gz", gz=True)
+    write_dataset(tmp_path / "plain", gz=False)
+    same = {datamodule(tmp_path / form).digest for form in ("gz", "plain")}
+    assert len(same) == 1 and len(next(iter(same))) == 12
+    assert datamodule(tmp_path / "gz", "data.train_size=64").digest in same  # of the whole split, not the part used
+    other = write_dataset(tmp_path / "other")  # the same images, one label changed
+    other["train", "labels"][0] = 9
+    write_idx(tmp_path / "other" / NAMES["train", "labels"], idx_bytes(other["train", "labels"]), gz=True)
+    assert datamodule(tmp_path / "other").digest not in same
+
+
 @pytest.mark.parametrize("image_size", [32, 40])
 def test_images_are_padded_centred_with_zeros_and_grey_repeated_to_three_channels(dataset, image_size):
     root, arrays = dataset
@@ -210,6 +223,7 @@ def test_a_tiny_run_on_idx_files_completes(dataset, tmp_path):
     record = only_record(tmp_path / "runs")
     assert record.status == "completed" and record.train_images == 128 and record.steps == 4
     assert record.config["data"]["name"] == "idx" and 0 <= record.best_val_top1 <= 1
+    assert record.data_digest == datamodule(root).digest
 
 
 def test_a_bad_root_stops_run_py_with_one_line_before_training(tmp_path):

@@ -38,7 +38,8 @@ _INTS = ("seed", "image_size", "train_images", "max_side", "params", "frozen_par
          "global_batch", "world_size")  # fmt: skip
 _FLOATS = ("best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5", "late_gain_pct", "lr", "wall_time_s")
 COLUMNS = (
-    "status", "error", *AXES, *_FROM_CONFIG, "mixer_stages", "schedule", "train_images", "max_side", "augment_on",
+    "status", "error", *AXES, *_FROM_CONFIG, "mixer_stages", "schedule", "train_images", "max_side", "data_digest",
+    "augment_on",
     "protocol",
     "params", "frozen_params", "macs", "best_val_top1", "best_val_top5", "final_val_top1", "final_val_top5",
     "late_gain_pct", "epochs", "steps", "global_batch", "lr", "wall_time_s", "train_throughput_img_s", "accelerator",
@@ -83,7 +84,9 @@ def record_row(record: RunRecord, run_dir: str, config: bool = False) -> dict[st
     mixer = record.config.get("mixer")
     row.update({key: _stage_values(mixer.get(key)) if isinstance(mixer, dict) else None for key in _FROM_CONFIG})
     # the images' max side is DEST's (its manifest), not the config's: runs on cut images are another configuration
-    keyed = {**record.config, "max_side": record.max_side} if record.config and record.max_side else record.config
+    # likewise the data set's content where the record has it (data=idx: MNIST or Fashion-MNIST at any data.root)
+    extra = {key: getattr(record, key) for key in ("max_side", "data_digest") if getattr(record, key)}
+    keyed = {**record.config, **extra} if record.config and extra else record.config
     row.update(run_dir=run_dir, name=Path(run_dir).name, config_key=config_key(keyed, row))
     if config:
         row.update({f"config.{key}": value for key, value in _flatten(record.config).items()})

@@ -237,17 +237,20 @@ def learning_at_the_end(agg: pd.DataFrame, threshold: float = STILL_LEARNING_PCT
     """Per protocol, a note on whether its budget let every configuration learn what it could: those that gained
     `threshold` points of top-1 or more over their last validations (mean over seeds: `late_gain`), or the one
     that gained most. Runs with no learning curve (older records, few validations) are left out."""
+    from metaformer_lab.analysis.plots import point_labels  # the plots' labels; plots imports this module
+
     notes = []
     curves = agg[agg["late_gain_mean_pct"].notna()]
+    curves = curves.assign(label=point_labels(curves) if len(curves) else [])
     for protocol, rows in curves.groupby("protocol", sort=False, dropna=False):
         rows = rows.sort_values("late_gain_mean_pct", ascending=False, kind="stable")
-        gains = [f"{name}: {_delta(gain, 1)}" for name, gain in zip(rows["name"], rows["late_gain_mean_pct"],
-                                                                       strict=True)]  # fmt: skip
+        gains = [f"{label} {_delta(gain, 1)}" for label, gain in zip(rows["label"], rows["late_gain_mean_pct"],
+                                                                        strict=True)]  # fmt: skip
         rising = int((rows["late_gain_mean_pct"] >= threshold).sum())
         over = f"top-1 over the last {LATE_VALIDATIONS} validations, mean over seeds"
         if rising:
             notes.append(f"{protocol}: still learning at the end ({over}, >= {threshold:g} point): "
-                         f"{'; '.join(gains[:rising])} (a longer budget may change these rows)")  # fmt: skip
+                         f"{', '.join(gains[:rising])} (a longer budget may change these rows)")  # fmt: skip
         else:
             notes.append(f"{protocol}: none of its {len(rows)} configurations still learning at the end: each "
                          f"gained under {threshold:g} point of {over} (most: {gains[0]})")  # fmt: skip

@@ -53,6 +53,8 @@ def _row(run: Any) -> dict[str, Any]:
         schedule=summary.get("schedule", config.get("schedule")) or "",
         train_images=summary.get("train_images", config.get("train_images")),
         max_side=summary.get("max_side", config.get("max_side")),
+        data_digest=config.get("data_digest"),
+        val_history=list(summary.get("val_history") or []),
         params=summary.get("params", config.get("params")),
         macs=summary.get("macs", config.get("macs")),
         best_val_top1=summary.get("best_val_top1"),

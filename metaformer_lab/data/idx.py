@@ -13,6 +13,7 @@ as images, labels in 0..num_classes-1): a wrong file is a `ConfigError` on `data
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass
@@ -212,6 +213,7 @@ class IdxDataModule(ImageDataModule):
         self.root_given = root not in ("???", None)  # "???": OmegaConf's mark of a required value never given
         self.train_size, self.val_size = train_size, val_size
         self.stats: PixelStats | None = None
+        self.digest: str | None = None  # of the training split's images and labels, once read
 
     def _check_root(self) -> None:
         if not self.root_given:  # checked on use, not at construction, so that `plan` can list a run without data
@@ -239,6 +241,8 @@ class IdxDataModule(ImageDataModule):
                 raise ConfigError("data.image_size", self.image_size, expected)
         if self.stats is None:
             self.stats = PixelStats.of(train_images)
+            # which data set: the run record keeps it (MNIST, Fashion-MNIST and KMNIST share sizes and file names)
+            self.digest = hashlib.sha256(train_images.tobytes() + train_labels.tobytes()).hexdigest()[:12]
             self.mean, self.std = (self.stats.mean,) * 3, (self.stats.std,) * 3
         self.val = IdxDataset(val_images[: self.val_size], val_labels[: self.val_size], self.image_size)
         if stage != "validate":

@@ -49,7 +49,8 @@ def wandb_logger(cfg: DictConfig, run_dir: Path, record: RunRecord) -> WandbLogg
         resume="allow",
         mode=wandb_mode(cfg.logger.mode),
         config={**axes, "params": record.params, "macs": record.macs, "schedule": record.schedule,
-                "train_images": record.train_images, "max_side": record.max_side, "config": record.config},  # fmt: skip
+                "train_images": record.train_images, "max_side": record.max_side, "data_digest": record.data_digest,
+                "config": record.config},  # fmt: skip
         # wandb's banners and run summary would bury the run's own lines; the run says where its wandb data went
         settings=wandb.Settings(silent=True),
     )
