@@ -374,10 +374,13 @@ def test_two_proxies_side_by_side_say_which_rows_go_the_papers_way_at_two_standa
     assert f"note: {relational}: 2 of 2 rows agree" in printed.err
     out = tmp_path / "tables"
     assert main([str(tmp_path), "--out", str(out)]) == 0
-    side_by_side = printed.out.split("The protocols side by side")[1].split("\n", 1)[1]
+    side_by_side = printed.out.split("The protocols side by side")[1].split("\n\n", 1)[1]
     assert (out / "protocols.md").read_text() == side_by_side and (out / "protocols.csv").is_file()
     assert main([str(tmp_path / "relational"), "--out", str(out)]) == 0  # one protocol: no side by side
     assert not (out / "protocols.md").exists() and (out / "table.md").is_file()
+    assert (out / "comparison.csv").is_file() and (out / "deltas.png").is_file()
+    assert main([str(tmp_path / "relational"), "--table", "axes", "--out", str(out)]) == 0  # not a paper table
+    assert not (out / "comparison.csv").exists() and not (out / "deltas.png").exists()
 
 
 def test_runs_on_two_mnist_format_data_sets_are_never_seeds_of_one_configuration(tmp_path):
@@ -401,15 +404,14 @@ def test_a_budget_that_ends_while_a_configuration_still_learns_is_named(tmp_path
     assert main([str(tmp_path)]) == 0
     protocol = "shapes 32 px, 20k img, poolformer_s12, 3 ep"  # the configurations' own, model included
     assert (
-        f"note: {protocol}: none of its 1 configurations still learning at the end: each gained under 1 point of "
+        f"note: {protocol}: no configuration was still learning at the end: each of 1 gained under 1 point of "
         "top-1 over the last 2 validations, mean over seeds (most: baseline +0.8)"
     ) in capsys.readouterr().err
     for seed, curve in enumerate([(0.1, 0.2, 0.3, 0.5), (0.1, 0.2, 0.3, 0.4)]):  # +30 and +20 points
         fake_run(tmp_path, "t5_identity", seed, curve[-1], curve=curve)
     assert main([str(tmp_path)]) == 0
-    assert (f"note: {protocol}: still learning at the end (top-1 over the last 2 validations, mean over seeds, >= 1 "
-            "point): identity +25.0 (a longer budget may change these rows)"
-            ) in capsys.readouterr().err  # fmt: skip
+    assert (f"note: {protocol}: still learning at the end (1 point or more of top-1 over the last 2 validations, "
+            "mean over seeds): identity +25.0; a longer budget may change these rows") in capsys.readouterr().err
 
 
 def test_axis_table_with_two_protocols_has_a_protocol_column(tmp_path):
@@ -661,8 +663,9 @@ def test_notebooks_run_headless_and_show_the_commands_notes(runs_root, tmp_path)
     sweep = tmp_path / "sweep"
     for mixer in ("pooling", "identity"):
         fake_run(sweep, None, 0, 0.5, mixer=mixer)
-    roots, tables = [runs_root, sweep], ["table5", "main"]
-    notebooks = [nbformat.read(path, as_version=4) for path in NOTEBOOKS]
+    # and Table 5 on both CPU proxies' committed records: the protocols side by side
+    roots, tables = [runs_root, sweep, ROOT / "analysis" / "records" / "table5_proxies"], ["table5", "main", "table5"]
+    notebooks = [nbformat.read(path, as_version=4) for path in [*NOTEBOOKS, NOTEBOOKS[0]]]
 
     async def run_all():  # both kernels at once: their start-up is most of the time
         where = {"metadata": {"path": str(ROOT / "analysis")}}  # the cwd of a notebook opened in Jupyter
@@ -682,6 +685,9 @@ def test_notebooks_run_headless_and_show_the_commands_notes(runs_root, tmp_path)
     assert "PoolFormer-S24" in json.dumps(notebooks[1].cells[2].outputs)
     assert "no completed run has the experiment of a row of this table" in json.dumps(notebooks[1].cells[2].outputs)
     assert not notebooks[1].cells[6].outputs  # no Δ: no plot
+    assert not notebooks[0].cells[4].outputs  # one protocol: nothing side by side
+    side_by_side = json.dumps(notebooks[2].cells[4].outputs)
+    assert "Sign at > 2 SE: idx 32 px" in side_by_side and "Spearman rank correlation" in side_by_side
 
 
 def test_axes_that_vary_by_stage_are_kept_as_strings(tmp_path):

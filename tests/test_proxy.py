@@ -4,11 +4,12 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import compose_config
+from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 from test_analysis import fake_run
 
 from metaformer_lab.analysis import collect_runs, paper_results, paper_table
+from metaformer_lab.analysis.__main__ import main as analysis_main
 from metaformer_lab.analysis.stats import paired_difference, spearman, t975
 from metaformer_lab.config import build_model, run_axes
 from metaformer_lab.plan import compose_job, expand_sweep
@@ -95,3 +96,20 @@ def test_the_proxy_sweep_runs_every_row_in_directories_of_its_own(proxy):
     assert cfg.proxy == proxy and cfg.sweep_name == sweep
     root = "".join(f"{o.replace('/', '_')}," for o in given)  # the command line's own keys name the directory too
     assert run_dir == f"runs/{root}experiment=t5_baseline,proxy={proxy},seed=0"  # not the ImageNet row's directory
+
+
+RECORDS = ROOT / "analysis" / "records" / "table5_proxies"  # both proxy sweeps' records, 3 seeds each
+
+
+def test_the_readme_tables_of_both_proxies_are_what_the_analysis_prints_from_the_committed_records(capsys):
+    assert analysis_main([str(RECORDS)]) == 0
+    printed = capsys.readouterr()
+    runs = collect_runs(RECORDS)
+    assert len(runs) == 2 * 18 * 3 and (runs["status"] == "completed").all()
+    assert sorted(runs["sweep"].unique()) == ["table5_fmnist_proxy", "table5_proxy"]
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Table 5 on a laptop: two proxies")[1].split("\n## ")[0]
+    for block in printed.out.strip().split("\n\n"):  # the full table, the title, the side-by-side table
+        assert block in section
+    notes = [line for line in printed.err.splitlines() if line.startswith("note: ")]
+    assert len(notes) >= 3 and all(note in section for note in notes)  # rank correlations, learning at the end

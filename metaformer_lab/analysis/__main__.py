@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(RENDER[args.format](table), end="" if args.format == "csv" else "\n")
     agreement = protocols_side_by_side(table)  # e.g. both CPU proxies of Table 5
     if agreement is not None:
-        print("\nThe protocols side by side: Δ vs the baseline, paired by seed, and its sign against the paper's")
+        print("\nThe protocols side by side: Δ vs the baseline, paired by seed, and its sign against the paper's\n")
         print(RENDER[args.format](agreement), end="" if args.format == "csv" else "\n")
         table.attrs["notes"] = [*table.attrs.get("notes", []), *agreement.attrs["notes"]]
 
@@ -105,28 +105,29 @@ def _write(
 ) -> tuple[list[Path], list[str]]:
     """The table's files and plots in `out`: (paths written, names of the plots with nothing to show)."""
     out.mkdir(parents=True, exist_ok=True)
+    comparison = table.attrs.get("comparison")  # a paper table's numbers, unformatted
     texts = {"table.md": to_markdown(table), "table.tex": to_latex(table), "table.csv": to_csv(table),
-             "runs.csv": to_csv(df)}  # fmt: skip
-    if "comparison" in table.attrs:  # the paper table's numbers, unformatted
-        texts["comparison.csv"] = to_csv(table.attrs["comparison"])
+             "runs.csv": to_csv(df), "comparison.csv": None if comparison is None else to_csv(comparison)}  # fmt: skip
     for suffix, render in {"md": to_markdown, "tex": to_latex, "csv": to_csv}.items():  # the protocols side by side
-        if agreement is not None:
-            texts[f"protocols.{suffix}"] = render(agreement)
-        else:  # one of an earlier call, with other runs, would read as this one's
-            (out / f"protocols.{suffix}").unlink(missing_ok=True)
+        texts[f"protocols.{suffix}"] = None if agreement is None else render(agreement)
+    figures = {"deltas": plot_deltas(table)} if comparison is not None else {}
+    figures["accuracy_vs_macs"] = plot_accuracy_vs_macs(df)
+    stale = [name for name, text in texts.items() if text is None]
+    stale += [f"deltas.{kind}" for kind in ("png", "pdf")] if comparison is None else []
+    for name in stale:  # a file of an earlier call, of other runs or another table, would read as this one's
+        (out / name).unlink(missing_ok=True)
     written = []
     for name, text in texts.items():
-        (out / name).write_text(text if text.endswith("\n") else text + "\n")
-        written.append(out / name)
-    figures = {"deltas": plot_deltas(table)} if "comparison" in table.attrs else {}
-    figures["accuracy_vs_macs"] = plot_accuracy_vs_macs(df)
+        if text is not None:
+            (out / name).write_text(text if text.endswith("\n") else text + "\n")
+            written.append(out / name)
     unplotted = []
     for name, fig in figures.items():
         if fig is not None:
             written += save_figure(fig, out / name)
             continue
         for path in (out / f"{name}.png", out / f"{name}.pdf"):
-            path.unlink(missing_ok=True)  # a plot of an earlier call would read as this one's
+            path.unlink(missing_ok=True)
             unplotted.append(path.name)
     return written, unplotted
 

@@ -249,11 +249,11 @@ def learning_at_the_end(agg: pd.DataFrame, threshold: float = STILL_LEARNING_PCT
         rising = int((rows["late_gain_mean_pct"] >= threshold).sum())
         over = f"top-1 over the last {LATE_VALIDATIONS} validations, mean over seeds"
         if rising:
-            notes.append(f"{protocol}: still learning at the end ({over}, >= {threshold:g} point): "
-                         f"{', '.join(gains[:rising])} (a longer budget may change these rows)")  # fmt: skip
+            notes.append(f"{protocol}: still learning at the end ({threshold:g} point or more of {over}): "
+                         f"{', '.join(gains[:rising])}; a longer budget may change these rows")  # fmt: skip
         else:
-            notes.append(f"{protocol}: none of its {len(rows)} configurations still learning at the end: each "
-                         f"gained under {threshold:g} point of {over} (most: {gains[0]})")  # fmt: skip
+            notes.append(f"{protocol}: no configuration was still learning at the end: each of {len(rows)} gained "
+                         f"under {threshold:g} point of {over} (most: {gains[0]})")  # fmt: skip
     return notes
 
 
