@@ -242,7 +242,9 @@ class IdxDataModule(ImageDataModule):
         if self.stats is None:
             self.stats = PixelStats.of(train_images)
             # which data set: the run record keeps it (MNIST, Fashion-MNIST and KMNIST share sizes and file names)
-            self.digest = hashlib.sha256(train_images.tobytes() + train_labels.tobytes()).hexdigest()[:12]
+            digest = hashlib.sha256(np.ascontiguousarray(train_images))  # hashed in place: no copy of the split
+            digest.update(np.ascontiguousarray(train_labels))
+            self.digest = digest.hexdigest()[:12]
             self.mean, self.std = (self.stats.mean,) * 3, (self.stats.std,) * 3
         self.val = IdxDataset(val_images[: self.val_size], val_labels[: self.val_size], self.image_size)
         if stage != "validate":
