@@ -376,6 +376,8 @@ def test_two_proxies_side_by_side_say_which_rows_go_the_papers_way_at_two_standa
     assert main([str(tmp_path), "--out", str(out)]) == 0
     side_by_side = printed.out.split("The protocols side by side")[1].split("\n\n", 1)[1]
     assert (out / "protocols.md").read_text() == side_by_side and (out / "protocols.csv").is_file()
+    latex = (out / "protocols.tex").read_text()
+    assert "Sign at $>$ 2 SE" in latex and ">" not in latex.replace("$>$", "")  # not ¿ in LaTeX's text mode
     assert main([str(tmp_path / "relational"), "--out", str(out)]) == 0  # one protocol: no side by side
     assert not (out / "protocols.md").exists() and (out / "table.md").is_file()
     assert (out / "comparison.csv").is_file() and (out / "deltas.png").is_file()

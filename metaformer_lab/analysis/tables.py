@@ -502,6 +502,7 @@ _LATEX_SPECIAL = {
     "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
     # a "[" right after a row's \\ would be read as \\[length]
     "[": "{[}", "]": "{]}",
+    "<": "$<$", ">": "$>$",  # in text mode (OT1) they print as ¡ and ¿
     "±": r"$\pm$", "Δ": r"$\Delta$", "→": r"$\rightarrow$", "—": "---", "−": "$-$", "×": r"$\times$",
 }  # fmt: skip
 _LATEX_RE = re.compile("|".join(re.escape(c) for c in _LATEX_SPECIAL))
